@@ -1,0 +1,1 @@
+"""Backends behind `Buffer`: `portable` (torch.distributed) and `cuda` (compiled kernels)."""

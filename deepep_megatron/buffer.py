@@ -1,0 +1,600 @@
+"""`Buffer`: the DeepEP-compatible entry point for expert-parallel dispatch and combine.
+
+`Buffer` checks every input, owns the communication stream and its events, and hands the work to
+a backend: the compiled kernels (`cuda`) where they can serve, otherwise the portable
+torch.distributed backend. Both give the same results in the same order.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from contextlib import contextmanager
+
+import torch
+import torch.distributed as dist
+
+from deepep_megatron import validation as check
+from deepep_megatron.backends.base import DispatchRequest
+from deepep_megatron.backends.portable import PortableBackend
+from deepep_megatron.config import Config, align_up, get_combine_config, get_dispatch_config
+from deepep_megatron.event import EventOverlap
+from deepep_megatron.handle import DispatchHandle, LowLatencyHandle
+
+BACKEND_ENV = "DEEPEP_MEGATRON_BACKEND"  # "auto" (default), "portable" or "cuda"
+
+
+class Buffer:
+    """Communication buffer for one expert-parallel process group (a drop-in for
+    `deep_ep.Buffer`).
+
+    Args:
+        group: the expert-parallel process group.
+        num_nvl_bytes: bytes of the intranode receive region per rank (normal kernels). Size it
+            with `Config.get_nvl_buffer_size_hint`; dispatching more tokens per rank than it was
+            sized for raises `ValueError`.
+        num_rdma_bytes: bytes for the low-latency (and internode) buffers. Size it with
+            `Buffer.get_low_latency_rdma_size_hint`.
+        low_latency_mode: enable `low_latency_dispatch` / `low_latency_combine`.
+        num_qps_per_rank, allow_nvlink_for_low_latency_mode, allow_mnnvl, use_fabric,
+        enable_shrink, comm: accepted for compatibility with DeepEP; unused.
+        explicitly_destroy: if True, resources are released only by `destroy()`.
+        backend: "auto" (compiled kernels where they can serve), "portable" or "cuda". Defaults
+            to the `DEEPEP_MEGATRON_BACKEND` environment variable, else "auto".
+        num_ranks_per_node: ranks that share one NVLink domain (default: the whole group, up to
+            8). Groups larger than a node report `num_tokens_per_rdma_rank`.
+    """
+
+    num_sms: int = 20
+
+    def __init__(
+        self,
+        group: dist.ProcessGroup,
+        num_nvl_bytes: int = 0,
+        num_rdma_bytes: int = 0,
+        low_latency_mode: bool = False,
+        num_qps_per_rank: int = 24,
+        allow_nvlink_for_low_latency_mode: bool = True,
+        allow_mnnvl: bool = False,
+        use_fabric: bool = False,
+        explicitly_destroy: bool = False,
+        enable_shrink: bool = False,
+        comm=None,
+        *,
+        backend: str | None = None,
+        num_ranks_per_node: int | None = None,
+    ):
+        if group is None:
+            group = dist.group.WORLD
+        self.group = group
+        self.rank = dist.get_rank(group)
+        self.group_size = dist.get_world_size(group)
+        self.num_nvl_bytes = int(num_nvl_bytes)
+        self.num_rdma_bytes = int(num_rdma_bytes)
+        self.low_latency_mode = low_latency_mode
+        self.explicitly_destroy = explicitly_destroy
+        self.num_ranks_per_node = num_ranks_per_node or min(self.group_size, 8)
+        if self.num_nvl_bytes < 0 or self.num_rdma_bytes < 0:
+            raise ValueError("num_nvl_bytes and num_rdma_bytes must be non-negative")
+        if self.group_size % self.num_ranks_per_node != 0:
+            raise ValueError(
+                f"group size {self.group_size} is not a multiple of num_ranks_per_node={self.num_ranks_per_node}"
+            )
+        self.backend_preference = (backend or os.environ.get(BACKEND_ENV, "auto")).lower()
+        if self.backend_preference not in ("auto", "portable", "cuda"):
+            raise ValueError(f"backend must be 'auto', 'portable' or 'cuda', got {self.backend_preference!r}")
+
+        self._portable = PortableBackend(group, self.num_ranks_per_node)
+        self._compiled = self._create_compiled_backend()
+        self._comm_stream = torch.cuda.Stream() if torch.cuda.is_available() else None
+        self._low_latency_buffer_index = 0
+        self._low_latency_combine_buffers: dict[int, torch.Tensor] = {}
+        self._destroyed = False
+
+    # ------------------------------------------------------------------ backends
+    def _create_compiled_backend(self):
+        if self.backend_preference == "portable":
+            return None
+        from deepep_megatron.backends import cuda as cuda_backend
+
+        reason = cuda_backend.unavailable_reason(self.group_size, self.num_ranks_per_node, self.num_nvl_bytes)
+        if reason is not None:
+            if self.backend_preference == "cuda":
+                raise RuntimeError(f"backend='cuda' requested but the compiled backend cannot serve: {reason}")
+            return None
+        return cuda_backend.CudaBackend(self.group, self.num_nvl_bytes)
+
+    def _backend_for(self, device: torch.device, handle: DispatchHandle | None = None):
+        if handle is not None:
+            return self._compiled if handle.backend == "cuda" else self._portable
+        if device.type == "cuda" and self._compiled is not None:
+            return self._compiled
+        if self.backend_preference == "cuda":
+            raise RuntimeError(f"backend='cuda' requested but tensors are on {device}")
+        return self._portable
+
+    @property
+    def backend_name(self) -> str:
+        """The backend CUDA tensors go to ("cuda" or "portable")."""
+        return "cuda" if self._compiled is not None else "portable"
+
+    # ------------------------------------------------------------------ class helpers (DeepEP API)
+    @staticmethod
+    def set_num_sms(new_num_sms: int) -> None:
+        """Set the SM count the default configs use."""
+        if new_num_sms <= 0:
+            raise ValueError(f"num_sms must be positive, got {new_num_sms}")
+        Buffer.num_sms = new_num_sms
+
+    @staticmethod
+    def get_dispatch_config(num_ranks: int) -> Config:
+        return get_dispatch_config(num_ranks)
+
+    @staticmethod
+    def get_combine_config(num_ranks: int) -> Config:
+        return get_combine_config(num_ranks)
+
+    @staticmethod
+    def get_low_latency_rdma_size_hint(
+        num_max_dispatch_tokens_per_rank: int, hidden: int, num_ranks: int, num_experts: int
+    ) -> int:
+        """Bytes for `num_rdma_bytes` in low-latency mode: two (double-buffered) sets of a send
+        buffer for the local tokens and per-expert receive slots for every rank's tokens."""
+        dispatch_message = 16 + max(hidden * 2, hidden + hidden // 128 * 4)
+        combine_message = hidden * 2
+        message = max(dispatch_message, combine_message)
+        send = num_max_dispatch_tokens_per_rank * message
+        recv = num_experts * num_max_dispatch_tokens_per_rank * message
+        signals = num_experts * 8
+        return align_up(2 * (send + recv + signals), 128)
+
+    def get_comm_stream(self) -> torch.cuda.Stream | None:
+        return self._comm_stream
+
+    def get_local_device_id(self) -> int:
+        return torch.cuda.current_device() if torch.cuda.is_available() else -1
+
+    def get_num_rdma_ranks(self) -> int:
+        return self.group_size // self.num_ranks_per_node
+
+    def get_rdma_rank(self) -> int:
+        return self.rank // self.num_ranks_per_node
+
+    def get_root_rdma_rank(self, global_: bool) -> int:
+        return self.rank % self.num_ranks_per_node if global_ else 0
+
+    def capture(self) -> EventOverlap:
+        """An event on the current stream, to pass as `previous_event`."""
+        if not torch.cuda.is_available():
+            return EventOverlap(None)
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream())
+        return EventOverlap(event)
+
+    def destroy(self) -> None:
+        """Release the buffer's resources (only with `explicitly_destroy=True`)."""
+        if not self.explicitly_destroy:
+            raise RuntimeError("destroy() needs Buffer(..., explicitly_destroy=True)")
+        self._release()
+
+    def _release(self) -> None:
+        if self._destroyed:
+            return
+        if self._compiled is not None:
+            self._compiled.destroy()
+            self._compiled = None
+        self._low_latency_combine_buffers.clear()
+        self._destroyed = True
+
+    def __del__(self):
+        try:
+            if not self.explicitly_destroy:
+                self._release()
+        except Exception:  # interpreter shutdown: nothing sensible left to do
+            pass
+
+    def _check_alive(self) -> None:
+        if self._destroyed:
+            raise RuntimeError("this Buffer was destroyed")
+
+    # ------------------------------------------------------------------ streams
+    @contextmanager
+    def _on_comm_stream(self, device: torch.device, previous_event: EventOverlap | None, async_finish: bool, outputs: list):
+        """Run the body on the communication stream after `previous_event` (or the current
+        stream), then either make the current stream wait or hand back an event.
+
+        `outputs` is filled by the body with tensors to protect; on exit it holds the
+        `EventOverlap` as its last element."""
+        if device.type != "cuda":
+            yield
+            outputs.append(EventOverlap(None))
+            return
+        compute_stream = torch.cuda.current_stream()
+        comm_stream = self._comm_stream
+        if previous_event is not None and previous_event.event is not None:
+            comm_stream.wait_event(previous_event.event)
+        else:
+            comm_stream.wait_stream(compute_stream)
+        with torch.cuda.stream(comm_stream):
+            yield
+        tensors = [t for t in outputs if isinstance(t, torch.Tensor)]
+        for tensor in tensors:  # allocated on the comm stream, used on the compute stream
+            tensor.record_stream(compute_stream)
+        if async_finish:
+            event = torch.cuda.Event()
+            event.record(comm_stream)
+            outputs.append(EventOverlap(event, tensors))
+        else:
+            compute_stream.wait_stream(comm_stream)
+            outputs.append(EventOverlap(None))
+
+    @staticmethod
+    def _protect_inputs(async_finish: bool, device: torch.device, *tensors) -> None:
+        """Inputs read on the comm stream must not be freed and reused by the compute stream
+        while an async call is still reading them."""
+        if async_finish and device.type == "cuda":
+            for tensor in tensors:
+                if isinstance(tensor, torch.Tensor):
+                    tensor.record_stream(torch.cuda.current_stream())
+
+    # ------------------------------------------------------------------ layout
+    def get_dispatch_layout(
+        self,
+        topk_idx: torch.Tensor,
+        num_experts: int,
+        previous_event: EventOverlap | None = None,
+        async_finish: bool = False,
+        allocate_on_comm_stream: bool = False,
+    ):
+        """Count tokens per rank and per expert from the routing.
+
+        Args:
+            topk_idx: `[N, K]` int64 expert ids, -1 for an empty slot.
+            num_experts: E, a multiple of the group size.
+
+        Returns:
+            `(num_tokens_per_rank [R] int32, num_tokens_per_rdma_rank [R/ranks_per_node] int32
+            or None, num_tokens_per_expert [E] int32, is_token_in_rank [N, R] bool, event)`.
+        """
+        self._check_alive()
+        check.check_topk_idx(topk_idx, num_experts, self.group_size)
+        backend = self._backend_for(topk_idx.device)
+        outputs: list = []
+        with self._on_comm_stream(topk_idx.device, previous_event, async_finish, outputs):
+            layout = backend.get_dispatch_layout(topk_idx, num_experts)
+            outputs += [layout.num_tokens_per_rank, layout.num_tokens_per_expert, layout.is_token_in_rank]
+        return (
+            layout.num_tokens_per_rank,
+            layout.num_tokens_per_rdma_rank,
+            layout.num_tokens_per_expert,
+            layout.is_token_in_rank,
+            outputs[-1],
+        )
+
+    # ------------------------------------------------------------------ dispatch
+    def dispatch(
+        self,
+        x,
+        handle: DispatchHandle | None = None,
+        num_tokens_per_rank: torch.Tensor | None = None,
+        num_tokens_per_rdma_rank: torch.Tensor | None = None,
+        is_token_in_rank: torch.Tensor | None = None,
+        num_tokens_per_expert: torch.Tensor | None = None,
+        topk_idx: torch.Tensor | None = None,
+        topk_weights: torch.Tensor | None = None,
+        expert_alignment: int = 1,
+        num_worst_tokens: int = 0,
+        config: Config | None = None,
+        previous_event: EventOverlap | None = None,
+        async_finish: bool = False,
+        allocate_on_comm_stream: bool = False,
+    ):
+        """Send each token to every rank that holds one of its experts.
+
+        Args:
+            x: `[N, H]` bf16, or `(x_fp8 [N, H] float8_e4m3fn, scales [N, H/128] float32)`.
+            handle: a previous dispatch's handle for a cached dispatch (same layout, no top-k,
+                no host sync).
+            num_tokens_per_rank, is_token_in_rank, num_tokens_per_expert: from
+                `get_dispatch_layout` (fresh dispatch only).
+            topk_idx: `[N, K]` int64, topk_weights: `[N, K]` float32 (optional).
+            expert_alignment: round each per-expert count up to this multiple.
+            num_worst_tokens: if > 0, size the outputs to this many rows and skip the host sync
+                (CUDA-graph capturable); the per-expert list is then empty.
+
+        Returns:
+            `(recv_x, recv_topk_idx, recv_topk_weights, num_recv_tokens_per_expert_list, handle,
+            event)`. Rows are ordered by source rank, then token index; each token arrives once
+            per rank. `recv_x` is a tensor or an `(x_fp8, scales)` tuple like `x`.
+            `recv_topk_idx` holds local expert ids (-1 for other ranks' experts) and
+            `recv_topk_weights` is 0 there. A cached dispatch returns
+            `(recv_x, None, None, None, None, event)`.
+        """
+        self._check_alive()
+        payload, scales = check.split_payload(x)
+        device = payload.device
+        num_tokens = payload.size(0)
+        check.check_expert_alignment(expert_alignment)
+        if num_worst_tokens < 0:
+            raise ValueError(f"num_worst_tokens must be >= 0, got {num_worst_tokens}")
+        request = DispatchRequest(
+            x=payload,
+            scales=scales,
+            handle=handle,
+            expert_alignment=expert_alignment,
+            num_worst_tokens=num_worst_tokens,
+            num_sms=(config or get_dispatch_config(self.group_size)).num_sms,
+        )
+        if handle is not None:
+            self._check_cached_dispatch(handle, payload, topk_idx, topk_weights)
+        else:
+            check.check_layout_inputs(
+                num_tokens, self.group_size, None, device, num_tokens_per_rank, is_token_in_rank, num_tokens_per_expert
+            )
+            if topk_idx is not None:
+                check.check_topk_idx(topk_idx, num_tokens_per_expert.numel(), self.group_size)
+                if topk_idx.size(0) != num_tokens:
+                    raise ValueError(f"topk_idx has {topk_idx.size(0)} rows but x has {num_tokens}")
+            if topk_weights is not None:
+                if topk_idx is None:
+                    raise ValueError("topk_weights needs topk_idx")
+                check.check_topk_weights(topk_weights, topk_idx)
+            request.num_tokens_per_rank = num_tokens_per_rank
+            request.is_token_in_rank = is_token_in_rank
+            request.num_tokens_per_expert = num_tokens_per_expert
+            request.topk_idx = topk_idx
+            request.topk_weights = topk_weights
+        backend = self._backend_for(device, handle)
+        self._check_capacity(backend, num_tokens, payload, scales, topk_idx)
+
+        self._protect_inputs(async_finish, device, payload, scales, topk_idx, topk_weights)
+        outputs: list = []
+        with self._on_comm_stream(device, previous_event, async_finish, outputs):
+            result = backend.dispatch(request)
+            outputs += [result.recv_x, result.recv_scales, result.recv_topk_idx, result.recv_topk_weights]
+        event = outputs[-1]
+        recv_x = (result.recv_x, result.recv_scales) if scales is not None else result.recv_x
+        if handle is not None:
+            return recv_x, None, None, None, None, event
+        return (
+            recv_x,
+            result.recv_topk_idx,
+            result.recv_topk_weights,
+            list(result.handle.num_recv_tokens_per_expert_list),
+            result.handle,
+            event,
+        )
+
+    def _check_cached_dispatch(self, handle, payload, topk_idx, topk_weights) -> None:
+        if not isinstance(handle, DispatchHandle):
+            raise TypeError(f"handle must be a DispatchHandle from Buffer.dispatch, got {type(handle).__name__}")
+        if topk_idx is not None or topk_weights is not None:
+            raise ValueError("a cached dispatch (handle given) takes no topk_idx / topk_weights")
+        if payload.size(0) != handle.num_tokens:
+            raise ValueError(f"cached dispatch: x has {payload.size(0)} rows, the handle was made for {handle.num_tokens}")
+
+    def _check_capacity(self, backend, num_tokens: int, payload, scales, topk_idx) -> None:
+        capacity = getattr(backend, "max_tokens_per_rank", None)
+        if capacity is None:
+            return
+        limit = capacity(payload.size(1) * payload.element_size(), 0 if scales is None else scales.size(1))
+        if num_tokens > limit:
+            raise ValueError(
+                f"{num_tokens} tokens exceed what this Buffer holds for hidden={payload.size(1)} "
+                f"({limit} tokens per rank with num_nvl_bytes={self.num_nvl_bytes}); "
+                "size it with Config.get_nvl_buffer_size_hint"
+            )
+
+    # ------------------------------------------------------------------ combine
+    def combine(
+        self,
+        x: torch.Tensor,
+        handle: DispatchHandle,
+        topk_weights: torch.Tensor | None = None,
+        bias=None,
+        config: Config | None = None,
+        previous_event: EventOverlap | None = None,
+        async_finish: bool = False,
+        allocate_on_comm_stream: bool = False,
+    ):
+        """Send each received row back to its source rank and sum the rows of each token.
+
+        Args:
+            x: `[num_recv_rows, H]` bf16, rows in the order `dispatch` returned them.
+            handle: the dispatch's handle.
+            topk_weights: `[num_recv_rows, K]` float32, summed the same way (optional).
+            bias: None, a `[N, H]` bf16 tensor, or a tuple of up to two, added to the result.
+
+        Returns:
+            `(combined_x [N, H] bf16, combined_topk_weights [N, K] float32 or None, event)`. The
+            sum is unweighted and accumulated in fp32: ranks in ascending order, then the biases.
+        """
+        self._check_alive()
+        if not isinstance(handle, DispatchHandle):
+            raise TypeError(f"handle must be a DispatchHandle from Buffer.dispatch, got {type(handle).__name__}")
+        check.check_tensor("x", x, dtype=torch.bfloat16, ndim=2, device=x.device)
+        if tuple(x.shape) != (handle.num_recv_rows, handle.hidden):
+            raise ValueError(f"combine x must have shape {(handle.num_recv_rows, handle.hidden)}, got {tuple(x.shape)}")
+        if topk_weights is not None:
+            check.check_tensor("topk_weights", topk_weights, dtype=torch.float32, ndim=2, device=x.device)
+            if topk_weights.size(0) != handle.num_recv_rows:
+                raise ValueError(f"topk_weights must have {handle.num_recv_rows} rows, got {topk_weights.size(0)}")
+        biases = check.normalize_bias(bias, handle.num_tokens, handle.hidden, x.device)
+        backend = self._backend_for(x.device, handle)
+        num_sms = (config or get_combine_config(self.group_size)).num_sms
+
+        self._protect_inputs(async_finish, x.device, x, topk_weights, *biases)
+        outputs: list = []
+        with self._on_comm_stream(x.device, previous_event, async_finish, outputs):
+            combined_x, combined_weights = backend.combine(x, handle, topk_weights, biases, num_sms)
+            outputs += [combined_x, combined_weights]
+        return combined_x, combined_weights, outputs[-1]
+
+    # ------------------------------------------------------------------ low latency
+    def _check_low_latency(self, num_max_dispatch_tokens_per_rank: int, hidden: int, num_experts: int) -> None:
+        if not self.low_latency_mode:
+            raise RuntimeError("low-latency calls need Buffer(..., low_latency_mode=True)")
+        needed = self.get_low_latency_rdma_size_hint(num_max_dispatch_tokens_per_rank, hidden, self.group_size, num_experts)
+        if self.num_rdma_bytes < needed:
+            raise ValueError(
+                f"num_rdma_bytes={self.num_rdma_bytes} is too small for {num_max_dispatch_tokens_per_rank} tokens, "
+                f"hidden={hidden}, {num_experts} experts: need {needed} (Buffer.get_low_latency_rdma_size_hint)"
+            )
+
+    def low_latency_dispatch(
+        self,
+        x: torch.Tensor,
+        topk_idx: torch.Tensor,
+        num_max_dispatch_tokens_per_rank: int,
+        num_experts: int,
+        cumulative_local_expert_recv_stats: torch.Tensor | None = None,
+        dispatch_wait_recv_cost_stats: torch.Tensor | None = None,
+        use_fp8: bool = True,
+        round_scale: bool = False,
+        use_ue8m0: bool = False,
+        async_finish: bool = False,
+        return_recv_hook: bool = False,
+    ):
+        """Low-latency dispatch into per-expert slots (inference decode).
+
+        Args:
+            x: `[N, H]` bf16, N <= num_max_dispatch_tokens_per_rank; H % 128 == 0 for FP8.
+            topk_idx: `[N, K]` int64, -1 for an empty slot.
+            cumulative_local_expert_recv_stats: optional `[E_local]` int32, incremented by the
+                received counts.
+            dispatch_wait_recv_cost_stats: accepted, unused.
+            use_fp8, round_scale, use_ue8m0: cast to e4m3 with per-128-channel scales (power-of-
+                two with round_scale; packed UE8M0 int32 with use_ue8m0) before sending.
+            return_recv_hook: return at once after sending; the received tensors are valid only
+                after `hook()` is called.
+
+        Returns:
+            `(recv_x, recv_count, handle, event, hook)`: recv_x is `[E_local, R * max, H]` bf16,
+            or `(x_fp8 [E_local, R * max, H], scales [E_local, R * max, H/128])` with FP8
+            (scales are column-major: the token dimension is contiguous); `recv_count` is
+            `[E_local]` int32; `hook` is None unless `return_recv_hook`.
+        """
+        self._check_alive()
+        check.check_tensor("x", x, dtype=torch.bfloat16, ndim=2, device=x.device)
+        check.check_topk_idx(topk_idx, num_experts, self.group_size)
+        if topk_idx.size(0) != x.size(0):
+            raise ValueError(f"topk_idx has {topk_idx.size(0)} rows but x has {x.size(0)}")
+        if x.size(0) > num_max_dispatch_tokens_per_rank:
+            raise ValueError(f"{x.size(0)} tokens exceed num_max_dispatch_tokens_per_rank={num_max_dispatch_tokens_per_rank}")
+        if use_fp8 and x.size(1) % 128 != 0:
+            raise ValueError(f"FP8 low-latency dispatch needs hidden % 128 == 0, got {x.size(1)}")
+        if use_ue8m0 and not use_fp8:
+            raise ValueError("use_ue8m0 needs use_fp8")
+        self._check_low_latency(num_max_dispatch_tokens_per_rank, x.size(1), num_experts)
+        buffer_index = self._low_latency_buffer_index
+        self._low_latency_buffer_index ^= 1
+
+        outputs: list = []
+        with self._on_comm_stream(x.device, None, async_finish, outputs):
+            result = self._portable.low_latency_dispatch(
+                x, topk_idx, num_max_dispatch_tokens_per_rank, num_experts, use_fp8, round_scale, use_ue8m0,
+                buffer_index, return_recv_hook,
+            )
+            outputs += [result.recv_x, result.recv_scales, result.recv_count]
+        finish = result.finish
+        if cumulative_local_expert_recv_stats is not None:
+            finish = self._count_received(finish, cumulative_local_expert_recv_stats, result.recv_count)
+        recv_x = (result.recv_x, result.recv_scales) if use_fp8 else result.recv_x
+        return recv_x, result.recv_count, result.handle, outputs[-1], self._wrap_hook(finish, x.device)
+
+    @staticmethod
+    def _count_received(finish, stats: torch.Tensor, recv_count: torch.Tensor):
+        """Add the received counts to `stats` once the receive has completed."""
+        if finish is None:
+            stats.add_(recv_count.to(stats.dtype))
+            return None
+
+        def finish_and_count():
+            finish()
+            stats.add_(recv_count.to(stats.dtype))
+
+        return finish_and_count
+
+    def _wrap_hook(self, finish: Callable[[], None] | None, device: torch.device):
+        """The hook a low-latency call returns: it completes the receive on the comm stream."""
+        if finish is None:
+            return None
+
+        def hook() -> None:
+            if device.type == "cuda":
+                with torch.cuda.stream(self._comm_stream):
+                    finish()
+                torch.cuda.current_stream().wait_stream(self._comm_stream)
+            else:
+                finish()
+
+        return hook
+
+    def get_next_low_latency_combine_buffer(self, handle: LowLatencyHandle) -> torch.Tensor:
+        """`[E_local, R * max, H]` bf16 tensor that a `zero_copy` combine reads its input from.
+        Write expert outputs here and call `low_latency_combine(..., zero_copy=True)`."""
+        experts_per_rank = handle.num_experts // self.group_size
+        shape = (experts_per_rank, self.group_size * handle.num_max_dispatch_tokens_per_rank, handle.hidden)
+        index = handle.buffer_index
+        buffer = self._low_latency_combine_buffers.get(index)
+        if buffer is None or tuple(buffer.shape) != shape or buffer.device != handle.recv_count.device:
+            buffer = torch.zeros(shape, dtype=torch.bfloat16, device=handle.recv_count.device)
+            self._low_latency_combine_buffers[index] = buffer
+        return buffer
+
+    def clean_low_latency_buffer(self, num_max_dispatch_tokens_per_rank: int, hidden: int, num_experts: int) -> None:
+        """Reset the low-latency buffers (needed by DeepEP after a mode switch; a no-op here
+        apart from zeroing the zero-copy combine buffers)."""
+        self._check_low_latency(num_max_dispatch_tokens_per_rank, hidden, num_experts)
+        for buffer in self._low_latency_combine_buffers.values():
+            buffer.zero_()
+
+    def low_latency_combine(
+        self,
+        x: torch.Tensor,
+        topk_idx: torch.Tensor,
+        topk_weights: torch.Tensor,
+        handle: LowLatencyHandle,
+        use_logfmt: bool = False,
+        zero_copy: bool = False,
+        async_finish: bool = False,
+        return_recv_hook: bool = False,
+        out: torch.Tensor | None = None,
+        combine_wait_recv_cost_stats: torch.Tensor | None = None,
+    ):
+        """Send expert outputs back and reduce them, weighted by `topk_weights`.
+
+        Args:
+            x: `[E_local, R * max, H]` bf16 in the packing `low_latency_dispatch` produced.
+            topk_idx: `[N, K]` int64 and topk_weights: `[N, K]` float32, as dispatched.
+            handle: the low-latency dispatch's handle.
+            use_logfmt: accepted; unused (combine is BF16).
+            zero_copy: read the input from `get_next_low_latency_combine_buffer(handle)`
+                instead of `x`.
+            out: optional `[N, H]` bf16 output tensor.
+
+        Returns:
+            `(combined_x [N, H] bf16, event, hook)`.
+        """
+        self._check_alive()
+        if not isinstance(handle, LowLatencyHandle):
+            raise TypeError("handle must be the LowLatencyHandle from low_latency_dispatch")
+        experts_per_rank = handle.num_experts // self.group_size
+        expected = (experts_per_rank, self.group_size * handle.num_max_dispatch_tokens_per_rank, handle.hidden)
+        check.check_tensor("x", x, dtype=torch.bfloat16, ndim=3, device=x.device)
+        if tuple(x.shape) != expected:
+            raise ValueError(f"low_latency_combine x must have shape {expected}, got {tuple(x.shape)}")
+        check.check_topk_idx(topk_idx, handle.num_experts, self.group_size)
+        check.check_topk_weights(topk_weights, topk_idx)
+        if out is not None:
+            check.check_tensor("out", out, dtype=torch.bfloat16, ndim=2, device=x.device)
+            if tuple(out.shape) != (topk_idx.size(0), handle.hidden):
+                raise ValueError(f"out must have shape {(topk_idx.size(0), handle.hidden)}")
+        if zero_copy:
+            x = self.get_next_low_latency_combine_buffer(handle)
+
+        outputs: list = []
+        with self._on_comm_stream(x.device, None, async_finish, outputs):
+            combined, finish = self._portable.low_latency_combine(x, topk_idx, topk_weights, handle, out, return_recv_hook)
+            outputs.append(combined)
+        return combined, outputs[-1], self._wrap_hook(finish, x.device)

@@ -1,0 +1,97 @@
+"""`Config`: SM count and buffer sizing for the normal (high-throughput) kernels.
+
+DeepEP's `Config` describes ring-buffer chunk sizes. Our intranode kernels place tokens directly at
+their final slot, so the chunk parameters have no meaning here: they are accepted, kept and
+ignored. What matters is `num_sms` and how many tokens per rank a buffer must hold.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+# Everything a kernel writes besides the payload itself lives in a fixed signal area at the
+# start of each rank's registered region (flags, count slots, diagnostics).
+SIGNAL_AREA_BYTES = 1 << 20
+# Sub-arrays inside a region are aligned to this many bytes (16-byte vector stores, TMA).
+REGION_ALIGNMENT = 256
+# Largest top-k the kernels take, and the default token capacity that size hints assume.
+MAX_TOPK = 16
+DEFAULT_MAX_TOKENS_PER_RANK = 4096
+
+
+def align_up(value: int, alignment: int) -> int:
+    return (value + alignment - 1) // alignment * alignment
+
+
+def dispatch_row_bytes(hidden_bytes: int, num_scales: int = 0, num_topk: int = MAX_TOPK) -> int:
+    """Bytes one received row occupies in a receive region: payload, scales, top-k ids (int64),
+    top-k weights (float32) and the source token index (int32)."""
+    return hidden_bytes + num_scales * 4 + num_topk * (8 + 4) + 4
+
+
+def normal_region_bytes(num_max_tokens_per_rank: int, hidden_bytes: int, num_ranks: int) -> int:
+    """Staging bytes a rank needs so that every rank can send it `num_max_tokens_per_rank` tokens
+    (the worst case: every token of every rank lands here) and stage one combine input of the
+    same size. Combine rows are BF16, so `hidden_bytes` should be the BF16 row size."""
+    rows = num_ranks * num_max_tokens_per_rank
+    num_scales = max(1, hidden_bytes // 2 // 128)
+    per_row = max(dispatch_row_bytes(hidden_bytes, num_scales), hidden_bytes + MAX_TOPK * 4)
+    return align_up(rows * per_row + 8 * REGION_ALIGNMENT, REGION_ALIGNMENT)
+
+
+@dataclass
+class Config:
+    """Kernel configuration for `Buffer.dispatch` / `Buffer.combine`.
+
+    Args:
+        num_sms: streaming multiprocessors the kernel uses (the grid size).
+        num_max_nvl_chunked_send_tokens, num_max_nvl_chunked_recv_tokens,
+        num_max_rdma_chunked_send_tokens, num_max_rdma_chunked_recv_tokens:
+            DeepEP's ring-buffer chunk sizes. Accepted for compatibility; unused, because tokens
+            are written straight to their final slot (no rings, no chunks).
+        num_max_tokens_per_rank: tokens per rank that the size hints provision for. Not a DeepEP
+            parameter (its hints do not depend on the token count; ours do, because the receive
+            region holds whole batches).
+    """
+
+    num_sms: int = 20
+    num_max_nvl_chunked_send_tokens: int = 6
+    num_max_nvl_chunked_recv_tokens: int = 256
+    num_max_rdma_chunked_send_tokens: int = 6
+    num_max_rdma_chunked_recv_tokens: int = 256
+    num_max_tokens_per_rank: int = field(default=DEFAULT_MAX_TOKENS_PER_RANK, kw_only=True)
+
+    def __post_init__(self) -> None:
+        if self.num_sms <= 0:
+            raise ValueError(f"Config.num_sms must be positive, got {self.num_sms}")
+        if self.num_max_tokens_per_rank <= 0:
+            raise ValueError("Config.num_max_tokens_per_rank must be positive")
+
+    def get_nvl_buffer_size_hint(self, hidden_bytes: int, num_ranks: int) -> int:
+        """Bytes for `Buffer(num_nvl_bytes=...)` so that `num_max_tokens_per_rank` tokens with
+        rows of `hidden_bytes` (BF16: hidden * 2) can be dispatched and combined."""
+        return normal_region_bytes(self.num_max_tokens_per_rank, hidden_bytes, num_ranks)
+
+    def get_rdma_buffer_size_hint(self, hidden_bytes: int, num_ranks: int) -> int:
+        """Bytes for `Buffer(num_rdma_bytes=...)`. Intranode groups need none."""
+        return 0
+
+
+def _default_num_sms() -> int:
+    from deepep_megatron.buffer import Buffer  # the class attribute set by Buffer.set_num_sms
+
+    return Buffer.num_sms
+
+
+def get_dispatch_config(num_ranks: int) -> Config:
+    """Recommended dispatch config for any rank count (DeepEP only has a table for some)."""
+    if num_ranks <= 0:
+        raise ValueError(f"num_ranks must be positive, got {num_ranks}")
+    return Config(_default_num_sms())
+
+
+def get_combine_config(num_ranks: int) -> Config:
+    """Recommended combine config for any rank count."""
+    if num_ranks <= 0:
+        raise ValueError(f"num_ranks must be positive, got {num_ranks}")
+    return Config(_default_num_sms())

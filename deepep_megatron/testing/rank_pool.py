@@ -1,0 +1,119 @@
+"""A pool of long-lived rank processes with a process group already set up.
+
+Starting a process that imports torch costs seconds, so tests keep one pool per world size and
+send it functions to run on every rank. `RankPool.run(fn, *args)` calls `fn(*args)` on each rank
+and returns the per-rank results; an exception on any rank is raised in the caller with every
+failing rank's traceback. A call that does not finish within its timeout kills the pool (a rank
+stuck in a collective cannot be recovered) and raises `TimeoutError`.
+
+`fn` must be importable by name (a module-level function). On GPU pools each rank also sets its
+CUDA device (one GPU per rank, or all ranks on GPU 0 when `share_gpu`).
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import socket
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _worker(rank: int, world_size: int, port: int, conn, backend: str, device: str, env: dict) -> None:
+    os.environ.update(env)
+    os.environ.update(
+        {
+            "RANK": str(rank),
+            "WORLD_SIZE": str(world_size),
+            "LOCAL_RANK": str(rank),
+            "LOCAL_WORLD_SIZE": str(world_size),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+        }
+    )
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    if device == "cuda":
+        torch.cuda.set_device(0 if env.get("DEEPEP_MEGATRON_SHARE_GPU") == "1" else rank % torch.cuda.device_count())
+    dist.init_process_group(backend, rank=rank, world_size=world_size, init_method=f"tcp://127.0.0.1:{port}")
+    conn.send(("ready", None))
+    while True:
+        message = conn.recv()
+        if message is None:
+            break
+        fn, args, kwargs = message
+        try:
+            conn.send(("ok", fn(*args, **kwargs)))
+        except BaseException:  # report everything, including assertion errors
+            conn.send(("error", traceback.format_exc()))
+    dist.destroy_process_group()
+
+
+class RankPool:
+    """`world_size` processes, each in one process group (gloo by default)."""
+
+    def __init__(self, world_size: int, backend: str = "gloo", device: str = "cpu", env: dict | None = None,
+                 start_timeout: float = 120.0):
+        self.world_size = world_size
+        self.device = device
+        ctx = mp.get_context("spawn")
+        port = free_port()
+        self._conns, self._procs = [], []
+        for rank in range(world_size):
+            parent, child = ctx.Pipe()
+            proc = ctx.Process(
+                target=_worker, args=(rank, world_size, port, child, backend, device, dict(env or {})), daemon=True
+            )
+            proc.start()
+            self._conns.append(parent)
+            self._procs.append(proc)
+        self._collect(start_timeout)
+
+    def run(self, fn: Callable[..., Any], *args, timeout: float = 300.0, **kwargs) -> list[Any]:
+        """Run `fn(*args, **kwargs)` on every rank; return the results ordered by rank."""
+        for conn in self._conns:
+            conn.send((fn, args, kwargs))
+        return self._collect(timeout)
+
+    def _collect(self, timeout: float) -> list[Any]:
+        results, errors = [], []
+        for rank, conn in enumerate(self._conns):
+            if not conn.poll(timeout):
+                self.close(force=True)
+                raise TimeoutError(f"rank {rank} did not answer within {timeout:.0f} s; the pool was stopped")
+            status, value = conn.recv()
+            if status == "error":
+                errors.append(f"--- rank {rank} ---\n{value}")
+            results.append(value)
+        if errors:
+            # Other ranks may now wait in a collective the failing rank never joined.
+            self.close(force=True)
+            raise AssertionError("failure on some ranks:\n" + "\n".join(errors))
+        return results
+
+    @property
+    def alive(self) -> bool:
+        return bool(self._procs) and all(proc.is_alive() for proc in self._procs)
+
+    def close(self, force: bool = False) -> None:
+        for conn in self._conns:
+            try:
+                if not force:
+                    conn.send(None)
+            except (BrokenPipeError, OSError):
+                pass
+        for proc in self._procs:
+            proc.join(timeout=0 if force else 10)
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+        self._conns, self._procs = [], []
