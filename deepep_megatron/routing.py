@@ -100,7 +100,8 @@ def topk_routing(
 
     Args:
         logits: ``[num_tokens, num_experts]`` float (any float dtype; scores are computed in float32).
-            Finite values.
+            Finite values. For bf16 logits with softmax and groups, megatron ranks groups by bf16 sums
+            of logits, so its group choice can differ from ours where that rounding reorders groups.
         topk: experts per token, ``1 <= topk <= num_experts``.
         score_function: ``"sigmoid"`` or ``"softmax"``.
         expert_bias: ``[num_experts]`` float32 load-balancing bias (sigmoid only).
@@ -202,7 +203,8 @@ def random_routing(
     With ``num_groups`` / ``topk_groups``, a group's score is the *max* score of its experts (DeepEP's
     convention, not DeepSeek-V3's sum), the best ``topk_groups`` groups are kept, and the top-k is
     taken among their experts. Weights are ``|randn|`` (positive float32; their values matter only
-    for checking combine).
+    for checking combine). The scores are drawn first, then the weights, so a run can be reproduced
+    from the generator's seed.
 
     Args:
         num_tokens, num_experts, topk: sizes; ``1 <= topk <= num_experts``.
