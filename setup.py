@@ -68,7 +68,7 @@ def extension_modules():
     sources = ["csrc/bindings.cpp", "csrc/runtime.cpp", "csrc/arena.cpp"] + sorted(glob.glob("csrc/kernels/*.cu"))
     include_dirs = [os.path.join(ROOT, "csrc"), *pip_cuda_include_dirs()]
     cxx_flags = ["-O3", "-std=c++17", "-Wno-unused-function"]
-    nvcc_flags = ["-O3", "-std=c++17", "--use_fast_math", "-Xptxas=-v" if os.environ.get("DEEPEP_MEGATRON_PTXAS_VERBOSE") else "-lineinfo"]
+    nvcc_flags = ["-O3", "-std=c++17", "-Xptxas=-v" if os.environ.get("DEEPEP_MEGATRON_PTXAS_VERBOSE") else "-lineinfo"]
     define_macros = []
     nvshmem = find_nvshmem()
     if nvshmem is not None:

@@ -139,6 +139,12 @@ void IntranodeRuntime::check_health() {
         throw DeviceTimeout(describe_timeout());
     }
     if (failed_) throw DeviceTimeout("deepep_megatron: an earlier operation of this buffer timed out");
+    if (mailbox_->overflow_rows > 0) {
+        const int rows = mailbox_->overflow_rows;
+        mailbox_->overflow_rows = 0;
+        throw std::runtime_error("deepep_megatron: a dispatch with num_worst_tokens sent a token to row " +
+                                 std::to_string(rows - 1) + ", past num_worst_tokens; those tokens were dropped");
+    }
 }
 
 void IntranodeRuntime::wait_for_notify(int ticket) {

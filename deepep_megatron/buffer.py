@@ -175,13 +175,13 @@ class Buffer:
         """Release the buffer's resources (only with `explicitly_destroy=True`)."""
         if not self.explicitly_destroy:
             raise RuntimeError("destroy() needs Buffer(..., explicitly_destroy=True)")
-        self._release()
+        self._release(collective=True)
 
-    def _release(self) -> None:
+    def _release(self, collective: bool = False) -> None:
         if self._destroyed:
             return
         if self._compiled is not None:
-            self._compiled.destroy()
+            self._compiled.destroy(collective)
             self._compiled = None
         self._low_latency_combine_buffers.clear()
         self._destroyed = True

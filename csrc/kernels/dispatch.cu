@@ -22,6 +22,7 @@ constexpr int kDispatchUnroll = 4;
 struct Destinations {
     size_t block_offset[kMaxRanks];   // receive block, relative to the peer's region base
     int first_row[kMaxRanks];         // row of this rank's first token in that block
+    int num_rows[kMaxRanks];          // rows of that block
     RecvBlockLayout layout[kMaxRanks];
 };
 
@@ -50,6 +51,7 @@ __device__ bool learn_destinations(const DispatchParams& p, int epoch, Destinati
         if (p.num_worst_tokens > 0) rows = p.num_worst_tokens;
         dst.block_offset[peer] = offset;
         dst.first_row[peer] = first_row;
+        dst.num_rows[peer] = rows;
         dst.layout[peer] = recv_block_layout(rows, p.row_bytes, p.num_scales, p.num_topk);
     }
     __syncthreads();
@@ -120,7 +122,13 @@ __device__ void send_tokens(const DispatchParams& p, const Destinations& dst) {
         Vec* targets[kMaxRanks];
 #pragma unroll
         for (int r = 0; r < kMaxRanks; ++r) {
-            const int slot = __shfl_sync(0xffffffffu, my_slot, r);
+            int slot = __shfl_sync(0xffffffffu, my_slot, r);
+            if (slot >= 0 && dst.first_row[r] + slot >= dst.num_rows[r]) {
+                // More rows than num_worst_tokens: drop the token rather than write past the
+                // block, and tell the host, which raises.
+                if (lane == 0) atomicMax(const_cast<int*>(&p.wait.mailbox->overflow_rows), dst.first_row[r] + slot + 1);
+                slot = -1;
+            }
             rows[r] = slot >= 0 ? dst.first_row[r] + slot : -1;
             targets[r] = nullptr;
             if (r < p.num_ranks && slot >= 0) {

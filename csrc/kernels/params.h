@@ -53,6 +53,7 @@ struct HostMailbox {
     volatile int timeout_phase;            // WaitPhase
     volatile int timeout_expected;
     volatile int timeout_seen;
+    volatile int overflow_rows;            // > 0: a worst-case dispatch had more rows than that
 };
 
 enum WaitPhase : int {

@@ -1,11 +1,126 @@
-"""Compiled intranode backend (placeholder until the kernels land)."""
+"""Compiled intranode backend: the CUDA kernels of `deepep_megatron._C` behind the Buffer contract.
+
+Every rank allocates one region (signal area, staging, arena) and maps every peer's region
+through CUDA IPC, so the ranks of the group must share one NVLink domain (or one GPU under MPS).
+Dispatch outputs are views of the arena (zero copy) while it has room, ordinary tensors otherwise.
+"""
 
 from __future__ import annotations
 
+import os
+
+import torch
+import torch.distributed as dist
+
+from deepep_megatron.backends.base import DispatchLayout, DispatchRequest, DispatchResult
+from deepep_megatron.config import max_tokens_per_rank
+from deepep_megatron.handle import DispatchHandle
+
+try:
+    from deepep_megatron import _C
+except ImportError as error:  # not built on this machine
+    _C = None
+    _IMPORT_ERROR = str(error)
+else:
+    _IMPORT_ERROR = ""
+
+TIMEOUT_ENV = "DEEPEP_MEGATRON_TIMEOUT_S"  # bound on every device-side wait (default 100 s)
+ARENA_ENV = "DEEPEP_MEGATRON_ARENA_BYTES"  # zero-copy arena size (default: num_nvl_bytes)
+
+
+def extension_available() -> bool:
+    return _C is not None
+
 
 def unavailable_reason(num_ranks: int, num_ranks_per_node: int, num_nvl_bytes: int) -> str | None:
-    return "the compiled extension is not built"
+    """Why the compiled backend cannot serve this group, or None if it can."""
+    if _C is None:
+        return f"the compiled extension is not built ({_IMPORT_ERROR})"
+    if not torch.cuda.is_available():
+        return "CUDA is not available"
+    if num_ranks_per_node != num_ranks:
+        return "internode groups need the NVSHMEM kernels, which this build does not have"
+    if num_ranks > _C.MAX_RANKS:
+        return f"intranode kernels take at most {_C.MAX_RANKS} ranks, the group has {num_ranks}"
+    if num_nvl_bytes <= 0:
+        return "num_nvl_bytes is 0"
+    return None
 
 
-class CudaBackend:  # pragma: no cover - replaced by the kernel work
+class CudaBackend:
+    """The compiled kernels for one intranode group. Collective: every rank creates it together."""
+
     name = "cuda"
+
+    def __init__(self, group: dist.ProcessGroup, num_nvl_bytes: int):
+        self.group = group
+        self.rank = dist.get_rank(group)
+        self.num_ranks = dist.get_world_size(group)
+        self.num_nvl_bytes = num_nvl_bytes
+        timeout = float(os.environ.get(TIMEOUT_ENV, "100"))
+        arena_bytes = int(os.environ.get(ARENA_ENV, str(num_nvl_bytes)))
+        self.runtime = _C.IntranodeRuntime(self.rank, self.num_ranks, num_nvl_bytes, arena_bytes, timeout)
+        handles: list = [None] * self.num_ranks
+        dist.all_gather_object(handles, self.runtime.ipc_handle(), group=group)
+        self.runtime.open_peers(handles)
+        dist.barrier(group=group)
+
+    def destroy(self, collective: bool = True) -> None:
+        """Unmap the peers and release the region (it lives on while arena tensors view it).
+        `collective`: synchronize and wait for every rank first, so that no peer still reads this
+        rank's region (Buffer.destroy); garbage collection cannot wait for peers."""
+        if collective:
+            torch.cuda.synchronize()
+            dist.barrier(group=self.group)
+        self.runtime.destroy()
+
+    def max_tokens_per_rank(self, hidden_bytes: int, num_scales: int) -> int:
+        return max_tokens_per_rank(self.num_nvl_bytes, hidden_bytes, num_scales, self.num_ranks)
+
+    def get_dispatch_layout(self, topk_idx: torch.Tensor, num_experts: int) -> DispatchLayout:
+        num_tokens_per_rank, num_tokens_per_expert, is_token_in_rank = self.runtime.layout(topk_idx, num_experts)
+        return DispatchLayout(num_tokens_per_rank, None, num_tokens_per_expert, is_token_in_rank)
+
+    def dispatch(self, request: DispatchRequest) -> DispatchResult:
+        handle = request.handle
+        if handle is None:
+            outputs = self.runtime.dispatch(
+                request.x, request.scales, request.topk_idx, request.topk_weights, request.is_token_in_rank,
+                request.num_tokens_per_expert, None, None, 0, request.num_worst_tokens, request.expert_alignment,
+                request.num_sms,
+            )
+            num_rows = outputs.recv_x.size(0)
+            handle = DispatchHandle(
+                backend=self.name,
+                num_tokens=request.x.size(0),
+                hidden=request.x.size(1),
+                num_recv_rows=num_rows,
+                num_recv_tokens=outputs.num_recv_tokens,
+                is_token_in_rank=request.is_token_in_rank,
+                num_tokens_matrix=outputs.count_matrix,
+                send_slot=outputs.send_slot,
+                recv_src_idx=outputs.recv_src_idx,
+                num_recv_tokens_per_expert_list=list(outputs.num_recv_tokens_per_expert),
+                backend_state=request.num_worst_tokens,
+            )
+            return DispatchResult(
+                outputs.recv_x, outputs.recv_scales, outputs.recv_topk_idx, outputs.recv_topk_weights, handle
+            )
+        outputs = self.runtime.dispatch(
+            request.x, request.scales, None, None, None, None, handle.num_tokens_matrix, handle.send_slot,
+            handle.num_recv_rows, handle.backend_state, 1, request.num_sms,
+        )
+        return DispatchResult(outputs.recv_x, outputs.recv_scales, None, None, handle)
+
+    def combine(self, x, handle: DispatchHandle, topk_weights, biases, num_sms):
+        bias0 = biases[0] if len(biases) > 0 else None
+        bias1 = biases[1] if len(biases) > 1 else None
+        return self.runtime.combine(
+            x, topk_weights, bias0, bias1, handle.send_slot, handle.num_tokens_matrix, handle.num_tokens, num_sms
+        )
+
+    def check_health(self) -> None:
+        self.runtime.check_health()
+
+
+__all__ = ["CudaBackend", "extension_available", "unavailable_reason"]
