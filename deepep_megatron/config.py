@@ -39,6 +39,45 @@ def normal_region_bytes(num_max_tokens_per_rank: int, hidden_bytes: int, num_ran
     return align_up(rows * per_row + 8 * REGION_ALIGNMENT, REGION_ALIGNMENT)
 
 
+def max_tokens_per_rank(num_nvl_bytes: int, hidden_bytes: int, num_scales: int, num_ranks: int) -> int:
+    """Tokens per rank that a `Buffer(num_nvl_bytes=...)` can dispatch (and combine): the largest
+    T with `normal_region_bytes(T, bf16_hidden_bytes, num_ranks) <= num_nvl_bytes`, where every row
+    is also big enough for this dispatch's own row (`hidden_bytes` payload plus `num_scales`
+    float32 scales).
+
+    The inverse of `normal_region_bytes`, so a buffer sized with `Config.get_nvl_buffer_size_hint`
+    for T tokens of hidden H (hidden_bytes = H * 2) takes T tokens of that hidden size both as BF16
+    (`hidden_bytes=2H, num_scales=0`) and as FP8 (`hidden_bytes=H, num_scales=H/128`): the region
+    is laid out for the BF16 rows of the combine that follows, whatever the dispatch payload.
+    Every backend enforces this limit, so a program that runs on one runs on all.
+
+    Args:
+        num_nvl_bytes: the buffer's `num_nvl_bytes`.
+        hidden_bytes: bytes of one payload row (BF16: 2 * hidden; FP8: hidden).
+        num_scales: float32 scales per row (0 for BF16; hidden / 128 for FP8, which also marks the
+            payload as one byte per element).
+        num_ranks: ranks in the group.
+
+    Returns:
+        The token limit per rank, >= 0.
+    """
+    if num_ranks <= 0 or hidden_bytes <= 0 or num_scales < 0:
+        raise ValueError(
+            f"max_tokens_per_rank needs positive num_ranks and hidden_bytes and num_scales >= 0, got "
+            f"num_ranks={num_ranks}, hidden_bytes={hidden_bytes}, num_scales={num_scales}"
+        )
+    hidden = hidden_bytes if num_scales > 0 else hidden_bytes // 2  # elements per row
+    bf16_hidden_bytes = hidden * 2
+    provisioned_scales = max(1, bf16_hidden_bytes // 2 // 128)
+    per_row = max(
+        dispatch_row_bytes(bf16_hidden_bytes, provisioned_scales),  # as normal_region_bytes counts it
+        bf16_hidden_bytes + MAX_TOPK * 4,
+        dispatch_row_bytes(hidden_bytes, num_scales),  # this dispatch's own row
+    )
+    usable = num_nvl_bytes // REGION_ALIGNMENT * REGION_ALIGNMENT - 8 * REGION_ALIGNMENT
+    return max(0, usable // (num_ranks * per_row))
+
+
 @dataclass
 class Config:
     """Kernel configuration for `Buffer.dispatch` / `Buffer.combine`.
