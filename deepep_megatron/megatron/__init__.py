@@ -1,0 +1,37 @@
+"""Megatron-core integration: ``--moe-token-dispatcher-type deepep``.
+
+Usage with a stock Megatron-LM ``pretrain_gpt.py`` (add two lines at the top)::
+
+    import deepep_megatron.megatron as deepep_megatron_megatron
+    deepep_megatron_megatron.install()   # accepts --moe-token-dispatcher-type deepep and --deepep-* flags
+
+then run it with ``--moe-token-dispatcher-type deepep --moe-router-dtype fp32`` (and optionally
+``--no-deepep-fp8-dispatch``, ``--deepep-num-sms 24``...). Or, without editing the script::
+
+    torchrun ... -m deepep_megatron.megatron.run pretrain_gpt.py --moe-token-dispatcher-type deepep ...
+
+Contents: :class:`DeepEPTokenDispatcher` (megatron-core's ``MoETokenDispatcher`` on
+``deepep_megatron.Buffer``), :func:`install` / :func:`uninstall`, :func:`add_deepep_args` (an
+``extra_args_provider``), :func:`configure` (options without argparse), and :mod:`.metrics`
+(per-layer dispatch/combine bandwidth).
+"""
+
+from deepep_megatron.megatron.dispatcher import DeepEPTokenDispatcher, release_buffers
+from deepep_megatron.megatron.install import DISPATCHER_TYPE, install, installed, uninstall
+from deepep_megatron.megatron.metrics import METRICS, collect
+from deepep_megatron.megatron.options import DeepEPOptions, add_deepep_args, configure, resolve_options
+
+__all__ = [
+    "DISPATCHER_TYPE",
+    "DeepEPOptions",
+    "DeepEPTokenDispatcher",
+    "METRICS",
+    "add_deepep_args",
+    "collect",
+    "configure",
+    "install",
+    "installed",
+    "release_buffers",
+    "resolve_options",
+    "uninstall",
+]

@@ -1,0 +1,135 @@
+"""Run megatron-core's MoE model code on the CPU (gloo), for tests and the tiny example.
+
+megatron-core 0.19.2 assumes CUDA in a few places that matter for an MoE GPT model even when
+every tensor lives on the CPU:
+
+- ``torch.cuda.current_device()`` names the device of router buffers and weights
+  (``router.py``) and of a few scratch tensors;
+- ``torch.cuda.Stream`` / ``torch.cuda.stream`` / ``torch.cuda.current_stream`` are used by the
+  shared-expert overlap (``shared_experts.py``) and by the alltoall dispatcher's D2H stream;
+- the CUDA RNG tracker (``tensor_parallel.random``) is forked around attention dropout;
+- ``MoEAuxLossAutoScaler``'s loss scale is set on the CUDA device by ``megatron.training``;
+- the alltoall dispatcher's ``maybe_move_tensor_to_cpu`` turns CUDA split sizes into numpy arrays
+  for ``all_to_all_single`` but leaves CPU tensors as tensors, which gloo rejects.
+
+:func:`enable` replaces just these with CPU stand-ins (streams and events that do nothing,
+because CPU work is synchronous, and ``current_device() == "cpu"``), and only when CUDA is not
+available, so it is a no-op on a GPU machine. :func:`disable` undoes it. Nothing here changes a
+result: every replaced call is about placement or ordering, never about values.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+_saved: dict[str, object] = {}
+
+
+class CpuStream:
+    """Stands in for ``torch.cuda.Stream`` on the CPU, where all work is synchronous."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def wait_stream(self, stream) -> None:
+        pass
+
+    def wait_event(self, event) -> None:
+        pass
+
+    def record_event(self, event=None):
+        return event if event is not None else CpuEvent()
+
+    def synchronize(self) -> None:
+        pass
+
+    def query(self) -> bool:
+        return True
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, CpuStream)
+
+    def __hash__(self) -> int:
+        return 0
+
+
+class CpuEvent:
+    """Stands in for ``torch.cuda.Event`` on the CPU."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def record(self, stream=None) -> None:
+        pass
+
+    def wait(self, stream=None) -> None:
+        pass
+
+    def synchronize(self) -> None:
+        pass
+
+    def query(self) -> bool:
+        return True
+
+
+_DEFAULT_STREAM = CpuStream()
+
+
+def _stream_context(stream=None):
+    return contextlib.nullcontext()
+
+
+def enabled() -> bool:
+    return bool(_saved)
+
+
+def enable() -> bool:
+    """Install the CPU stand-ins if CUDA is unavailable. Returns whether they are active."""
+    if torch.cuda.is_available():
+        return False
+    if _saved:
+        return True
+    replacements = {
+        "current_device": lambda: "cpu",
+        "Stream": CpuStream,
+        "Event": CpuEvent,
+        "current_stream": lambda device=None: _DEFAULT_STREAM,
+        "stream": _stream_context,
+    }
+    for name, value in replacements.items():
+        _saved[name] = getattr(torch.cuda, name)
+        setattr(torch.cuda, name, value)
+    # Dropout is forked into the "model-parallel" CUDA RNG stream; on the CPU there is only the
+    # default generator, so use megatron-core's own no-op tracker (its inference tracker).
+    from megatron.core.tensor_parallel import random as tp_random
+
+    tp_random.initialize_rng_tracker(inference_rng_tracker=True, force_reset=True)
+    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+
+    MoEAuxLossAutoScaler.set_loss_scale(torch.ones(1))
+    from megatron.core.transformer.moe import token_dispatcher
+
+    original = token_dispatcher.maybe_move_tensor_to_cpu
+
+    def maybe_move_tensor_to_cpu(tensor, as_numpy=False, record_stream=False):
+        if as_numpy and torch.is_tensor(tensor) and tensor.device.type == "cpu":
+            return tensor.numpy()
+        return original(tensor, as_numpy=as_numpy, record_stream=record_stream)
+
+    _saved["token_dispatcher.maybe_move_tensor_to_cpu"] = original
+    token_dispatcher.maybe_move_tensor_to_cpu = maybe_move_tensor_to_cpu
+    return True
+
+
+def disable() -> None:
+    """Restore what :func:`enable` replaced."""
+    for name, value in _saved.items():
+        if name == "token_dispatcher.maybe_move_tensor_to_cpu":
+            from megatron.core.transformer.moe import token_dispatcher
+
+            token_dispatcher.maybe_move_tensor_to_cpu = value
+        else:
+            setattr(torch.cuda, name, value)
+    _saved.clear()

@@ -1,0 +1,364 @@
+"""Rank-side helpers for the Megatron integration tests (CPU over gloo, or CUDA).
+
+Every function here runs inside a rank process of ``deepep_megatron.testing.rank_pool.RankPool``
+(``pool.run(fn, ...)``) with ``torch.distributed`` already initialised, and returns CPU tensors so
+the test process can compare runs. Weights and inputs are generated for the *global* problem from
+fixed seeds, so a layer at EP=1 and the same layer at EP=2 or 4 see identical numbers.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex|absl|GPTModel).*")
+
+SEQ, BATCH, HIDDEN = 8, 2, 128
+NUM_EXPERTS, TOPK, NUM_GROUPS, GROUP_TOPK = 16, 4, 4, 2
+MOE_FFN, SHARED_FFN = 64, 64
+
+
+def device() -> torch.device:
+    return (
+        torch.device("cuda", torch.cuda.current_device())
+        if torch.cuda.is_available()
+        else torch.device("cpu")
+    )
+
+
+def setup(ep: int, seed: int = 1234) -> None:
+    """(Re)initialise megatron-core's parallel state with expert parallelism ``ep`` over the
+    whole world (the rest is data parallelism), install the deepep dispatcher and the CPU
+    stand-ins where there is no GPU."""
+    from megatron.core import parallel_state as ps
+    from megatron.core import tensor_parallel
+
+    from deepep_megatron.megatron import cpu_compat, install, release_buffers
+
+    cpu_compat.enable()
+    install(arguments=False)
+    release_buffers()
+    if ps.model_parallel_is_initialized():
+        ps.destroy_model_parallel()
+    ps.initialize_model_parallel(expert_model_parallel_size=ep)
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        tensor_parallel.model_parallel_cuda_manual_seed(seed)
+
+
+def moe_config(dispatcher: str = "deepep", **overrides):
+    """A small DeepSeek-V3-style MoE config: sigmoid group-limited top-4 of 16 experts (4 groups,
+    2 kept), expert bias, scaling factor 2.5, fp32 router, one shared expert, SwiGLU, BF16."""
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    kwargs = dict(
+        num_layers=1,
+        hidden_size=HIDDEN,
+        ffn_hidden_size=4 * HIDDEN,
+        num_attention_heads=4,
+        num_moe_experts=NUM_EXPERTS,
+        moe_ffn_hidden_size=MOE_FFN,
+        moe_shared_expert_intermediate_size=SHARED_FFN,
+        moe_router_topk=TOPK,
+        moe_router_num_groups=NUM_GROUPS,
+        moe_router_group_topk=GROUP_TOPK,
+        moe_router_score_function="sigmoid",
+        moe_router_enable_expert_bias=True,
+        moe_router_topk_scaling_factor=2.5,
+        moe_router_dtype="fp32",
+        moe_router_load_balancing_type="none",
+        moe_aux_loss_coeff=0.0,
+        moe_token_dispatcher_type=dispatcher,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        bf16=True,
+        params_dtype=torch.bfloat16,
+        pipeline_dtype=torch.bfloat16,
+        use_cpu_initialization=True,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        bias_activation_fusion=False,
+        gradient_accumulation_fusion=False,
+        expert_model_parallel_size=_ep_size(),
+    )
+    kwargs.update(overrides)
+    return TransformerConfig(**kwargs)
+
+
+def _ep_size() -> int:
+    from megatron.core import parallel_state as ps
+
+    return ps.get_expert_model_parallel_world_size()
+
+
+def build_moe_layer(config):
+    """megatron-core's MoELayer from the local (non-TE) spec: TopKRouter, SequentialMLP experts,
+    SharedExpertMLP."""
+    from megatron.core.models.backends import LocalSpecProvider
+    from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec_for_backend
+
+    builder = get_moe_module_spec_for_backend(LocalSpecProvider(), num_experts=config.num_moe_experts)
+    layer = builder(config=config, layer_number=1)
+    return layer.to(device())
+
+
+def global_weights(config, seed: int = 7) -> dict[str, torch.Tensor]:
+    """fp32 weights of the whole (global) MoE layer, the same on every rank."""
+    g = torch.Generator().manual_seed(seed)
+    h, e, f, fs = config.hidden_size, config.num_moe_experts, config.moe_ffn_hidden_size, SHARED_FFN
+
+    def randn(*shape, scale):
+        return torch.randn(*shape, generator=g) * scale
+
+    return {
+        "router": randn(e, h, scale=h**-0.5),
+        "expert_bias": randn(e, scale=0.05),
+        "fc1": randn(e, 2 * f, h, scale=h**-0.5),
+        "fc2": randn(e, h, f, scale=f**-0.5),
+        "shared_fc1": randn(2 * fs, h, scale=h**-0.5),
+        "shared_fc2": randn(h, fs, scale=fs**-0.5),
+    }
+
+
+def load_weights(layer, weights: dict[str, torch.Tensor]) -> None:
+    """Copy the global weights into a (possibly expert-parallel) MoELayer."""
+    with torch.no_grad():
+        layer.router.weight.copy_(weights["router"])
+        if layer.router.expert_bias is not None:
+            layer.router.expert_bias.copy_(weights["expert_bias"])
+        for i, expert in enumerate(layer.experts.local_experts):
+            e = layer.local_expert_indices[i]
+            expert.linear_fc1.weight.copy_(weights["fc1"][e])
+            expert.linear_fc2.weight.copy_(weights["fc2"][e])
+        if layer.shared_experts is not None:
+            layer.shared_experts.linear_fc1.weight.copy_(weights["shared_fc1"])
+            layer.shared_experts.linear_fc2.weight.copy_(weights["shared_fc2"])
+
+
+def global_inputs(seed: int, shape: tuple[int, ...], dtype=torch.bfloat16) -> torch.Tensor:
+    """``[world, *shape]`` values from ``seed``; rank r uses row r."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(dist.get_world_size(), *shape, generator=g).to(dtype)
+
+
+def _expert_grads(layer, config) -> dict[str, torch.Tensor]:
+    """Expert weight gradients placed at their global index and summed over all ranks."""
+    e, f, h = config.num_moe_experts, config.moe_ffn_hidden_size, config.hidden_size
+    fc1 = torch.zeros(e, 2 * f, h, dtype=torch.float32, device=device())
+    fc2 = torch.zeros(e, h, f, dtype=torch.float32, device=device())
+    for i, expert in enumerate(layer.experts.local_experts):
+        idx = layer.local_expert_indices[i]
+        if expert.linear_fc1.weight.grad is not None:
+            fc1[idx] = expert.linear_fc1.weight.grad.float()
+            fc2[idx] = expert.linear_fc2.weight.grad.float()
+    for t in (fc1, fc2):
+        dist.all_reduce(t)
+    return {"grad_fc1": fc1.cpu(), "grad_fc2": fc2.cpu()}
+
+
+def moe_layer_step(
+    ep: int, dispatcher: str = "deepep", shared_overlap: bool = False, fp8=None, seed: int = 11
+):
+    """Forward and backward of one MoELayer on this rank's tokens. Returns CPU tensors: the
+    output, the input gradient, the router weight gradient (this rank's tokens only), the
+    expert and shared-expert gradients (summed over all ranks)."""
+    from deepep_megatron.megatron import configure
+
+    setup(ep)
+    configure()
+    if fp8 is not None:
+        configure(fp8_dispatch=fp8)
+    config = moe_config(dispatcher, moe_shared_expert_overlap=shared_overlap)
+    layer = build_moe_layer(config)
+    load_weights(layer, global_weights(config))
+    rank = dist.get_rank()
+    x = global_inputs(seed, (SEQ, BATCH, HIDDEN))[rank].to(device()).requires_grad_(True)
+    dy = global_inputs(seed + 1, (SEQ, BATCH, HIDDEN))[rank].to(device())
+    out, bias = layer(x)
+    assert bias is None
+    out.backward(dy)
+    result = {
+        "out": out.detach().float().cpu(),
+        "grad_x": x.grad.float().cpu(),
+        "grad_router": layer.router.weight.grad.float().cpu(),
+        "dispatcher": type(layer.token_dispatcher).__name__,
+    }
+    result.update(_expert_grads(layer, config))
+    if layer.shared_experts is not None:
+        shared = [layer.shared_experts.linear_fc1.weight.grad, layer.shared_experts.linear_fc2.weight.grad]
+        result["grad_shared_fc1"], result["grad_shared_fc2"] = (g.float().cpu() for g in shared)
+    configure()
+    return result
+
+
+# ------------------------------------------------------------------ dispatcher-only checks
+
+
+def _routing(seed: int, num_tokens: int, drop_fraction: float = 0.0):
+    """Dense group-limited sigmoid routing for this rank's tokens: ``(routing_map [T, E] bool,
+    probs [T, E] fp32)``; with ``drop_fraction``, some (token, expert) pairs are dropped, as
+    capacity dropping does."""
+    from deepep_megatron.routing import topk_routing
+
+    rank = dist.get_rank()
+    logits = global_inputs(seed, (num_tokens, NUM_EXPERTS), torch.float32)[rank]
+    idx, weights = topk_routing(
+        logits,
+        TOPK,
+        score_function="sigmoid",
+        num_groups=NUM_GROUPS,
+        topk_groups=GROUP_TOPK,
+        scaling_factor=2.5,
+    )
+    if drop_fraction > 0:
+        g = torch.Generator().manual_seed(seed + 100 + rank)
+        keep = torch.rand(idx.shape, generator=g) >= drop_fraction
+        weights = weights * keep
+        idx = torch.where(keep, idx, torch.full_like(idx, NUM_EXPERTS))  # scatter into a spare column
+    routing_map = torch.zeros(num_tokens, NUM_EXPERTS + 1, dtype=torch.bool).scatter_(1, idx, True)[
+        :, :NUM_EXPERTS
+    ]
+    probs = torch.zeros(num_tokens, NUM_EXPERTS + 1).scatter_(1, idx, weights)[:, :NUM_EXPERTS]
+    return routing_map, probs
+
+
+def _expert_weights(seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(NUM_EXPERTS, HIDDEN, HIDDEN, generator=g) * HIDDEN**-0.5
+
+
+def _run_experts(tokens, tokens_per_expert, permuted_probs, weights, local_experts):
+    """A stand-in for the experts: expert e maps x to ``(x @ W_e) * p`` (probabilities applied in
+    the expert, as megatron-core's experts do)."""
+    outs = []
+    chunks = torch.split(tokens, tokens_per_expert.tolist())
+    probs = torch.split(permuted_probs, tokens_per_expert.tolist())
+    for e, chunk, p in zip(local_experts, chunks, probs):
+        outs.append(((chunk.float() @ weights[e].to(chunk.device)) * p.unsqueeze(-1)).to(tokens.dtype))
+    return torch.cat(outs) if outs else tokens[:0]
+
+
+def dispatcher_step(ep: int, dispatcher: str, seed: int = 21, drop_fraction: float = 0.0, fp8=None):
+    """Run the six stages of one dispatcher with stand-in experts on this rank's tokens, then
+    backward. Returns ``{"out", "grad_x", "grad_probs"}`` (CPU), and for ``dispatcher="reference"``
+    the plain semantics computed locally with every expert: ``out[t] = sum_e map[t, e] *
+    p[t, e] * (x[t] @ W_e)``."""
+    from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
+    from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispatcher
+
+    from deepep_megatron.megatron import DeepEPTokenDispatcher, configure
+    from deepep_megatron.megatron.options import DeepEPOptions
+
+    setup(ep)
+    configure()
+    rank = dist.get_rank()
+    num_tokens = SEQ * BATCH
+    routing_map, probs = _routing(seed, num_tokens, drop_fraction)
+    routing_map, probs = routing_map.to(device()), probs.to(device()).requires_grad_(True)
+    x = global_inputs(seed + 1, (SEQ, BATCH, HIDDEN))[rank].to(device()).requires_grad_(True)
+    dy = global_inputs(seed + 2, (SEQ, BATCH, HIDDEN))[rank].to(device())
+    weights = _expert_weights(seed + 3)
+
+    if dispatcher == "reference":
+        contributions = torch.einsum(
+            "th,ehk->tek", x.reshape(num_tokens, HIDDEN).float(), weights.to(x.device)
+        )
+        out = (contributions * (probs * routing_map).unsqueeze(-1)).sum(1).view(SEQ, BATCH, HIDDEN)
+    else:
+        config = moe_config(
+            "alltoall" if dispatcher == "alltoall" else "deepep", moe_shared_expert_intermediate_size=None
+        )
+        num_local = NUM_EXPERTS // ep
+        local = list(range(_ep_rank() * num_local, (_ep_rank() + 1) * num_local))
+        pgs = get_default_pg_collection()
+        if dispatcher == "alltoall":
+            disp = MoEAlltoAllTokenDispatcher(num_local, local, config=config, pg_collection=pgs)
+        else:
+            disp = DeepEPTokenDispatcher(
+                num_local, local, config=config, pg_collection=pgs, options=DeepEPOptions(fp8_dispatch=fp8)
+            )
+        hidden, p = disp.dispatch_preprocess(x, routing_map, probs)
+        hidden, p = disp.token_dispatch(hidden, p)
+        tokens, tokens_per_expert, permuted_probs = disp.dispatch_postprocess(hidden, p)
+        expert_out = _run_experts(tokens, tokens_per_expert, permuted_probs, weights, local)
+        out = disp.combine_postprocess(disp.token_combine(disp.combine_preprocess(expert_out)))
+    out.backward(dy.to(out.dtype))
+    return {
+        "out": out.detach().float().cpu(),
+        "grad_x": x.grad.float().cpu(),
+        "grad_probs": probs.grad.float().cpu(),
+    }
+
+
+def _ep_rank() -> int:
+    from megatron.core import parallel_state as ps
+
+    return ps.get_expert_model_parallel_rank()
+
+
+def fp8_dispatch_roundtrip(ep: int, seed: int = 31):
+    """Dispatch the same tokens in BF16 and in FP8; returns, per received row, the FP8 result,
+    the BF16 result and the elementwise error bound of the 1x128 cast (all CPU)."""
+    from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
+
+    from deepep_megatron.fp8 import fp8_roundtrip_error_bound, per_token_cast_back, per_token_cast_to_fp8
+    from deepep_megatron.megatron import DeepEPTokenDispatcher
+    from deepep_megatron.megatron.options import DeepEPOptions
+
+    setup(ep)
+    rank = dist.get_rank()
+    num_tokens = SEQ * BATCH
+    routing_map, probs = _routing(seed, num_tokens)
+    routing_map, probs = routing_map.to(device()), probs.to(device())
+    x = (global_inputs(seed + 1, (SEQ, BATCH, HIDDEN)) * 3)[rank].to(device())
+    config = moe_config("deepep", moe_shared_expert_intermediate_size=None)
+    num_local = NUM_EXPERTS // ep
+    local = list(range(_ep_rank() * num_local, (_ep_rank() + 1) * num_local))
+    received = {}
+    for fp8 in (False, True):
+        disp = DeepEPTokenDispatcher(
+            num_local,
+            local,
+            config=config,
+            pg_collection=get_default_pg_collection(),
+            options=DeepEPOptions(fp8_dispatch=fp8),
+        )
+        hidden, p = disp.dispatch_preprocess(x, routing_map, probs)
+        recv, _ = disp.token_dispatch(hidden, p)
+        received[fp8] = recv.float().cpu()
+        disp._state = None
+    bf16 = received[False].to(torch.bfloat16)
+    expected = per_token_cast_back(*per_token_cast_to_fp8(bf16)).float() if bf16.numel() else received[True]
+    bound = fp8_roundtrip_error_bound(bf16).float() if bf16.numel() else received[True]
+    return {"fp8": received[True], "bf16": received[False], "expected": expected, "bound": bound}
+
+
+def parse_megatron_args(argv: list[str]):
+    """Megatron-LM's parser (after install()) on ``argv``; returns the namespace."""
+    import sys
+
+    from megatron.training.arguments import parse_args
+
+    old = sys.argv
+    sys.argv = ["pretrain_gpt.py", *argv]
+    try:
+        return parse_args()
+    finally:
+        sys.argv = old
+
+
+__all__ = [
+    "build_moe_layer",
+    "dispatcher_step",
+    "fp8_dispatch_roundtrip",
+    "global_weights",
+    "load_weights",
+    "moe_config",
+    "moe_layer_step",
+    "parse_megatron_args",
+    "setup",
+]
