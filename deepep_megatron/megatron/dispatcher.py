@@ -346,8 +346,11 @@ class DeepEPTokenDispatcher(MoETokenDispatcher):
 
     # -------------------------------------------------------------- helpers
     @property
-    def layer_id(self) -> int:
-        """The MoE layer's number (for metrics); a stable made-up id outside an MoELayer."""
+    def layer_id(self) -> int | None:
+        """The MoE layer's number (for metrics); a stable made-up id outside an MoELayer; None
+        when timing is off."""
+        if not self.options.timing:
+            return None
         layer = self.owner_layer() if self.owner_layer is not None else None
         if layer is not None and getattr(layer, "layer_number", None) is not None:
             return int(layer.layer_number)

@@ -98,15 +98,16 @@ class CommMetrics:
         self._next_anonymous_layer += 1
         return self._next_anonymous_layer
 
-    def time(self, layer: int, kind: str, device: torch.device):
-        """``with metrics.time(layer, kind, device) as t: ...; t.num_bytes = ...``"""
-        if not self.enabled:
+    def time(self, layer: int | None, kind: str, device: torch.device):
+        """``with metrics.time(layer, kind, device) as t: ...; t.num_bytes = ...`` (a no-op when
+        disabled or ``layer`` is None)."""
+        if not self.enabled or layer is None:
             return _NullTimer()
         return _Timer(self, layer, kind, device)
 
-    def add_expert_counts(self, layer: int, num_tokens_per_expert: torch.Tensor) -> None:
+    def add_expert_counts(self, layer: int | None, num_tokens_per_expert: torch.Tensor) -> None:
         """Accumulate this rank's tokens per (global) expert for ``layer`` (stays on device)."""
-        if not self.enabled:
+        if not self.enabled or layer is None:
             return
         counts = num_tokens_per_expert.detach().to(torch.float64)
         previous = self._expert_counts.get(layer)
@@ -119,9 +120,10 @@ class CommMetrics:
     def collect(self, group: dist.ProcessGroup | None = None) -> dict[str, float]:
         """Scalars for the iteration recorded since the last call, then reset.
 
-        With ``group``, times and bytes are summed over its ranks (so GB/s is the mean per-rank
-        bandwidth) and expert counts are summed (so the imbalance is global); every rank of the
-        group must call this together. Keys (``L`` is the layer number):
+        With ``group``, times and bytes are summed over its ranks (so GB/s is the per-rank
+        bandwidth, total bytes over total time, and ms the mean time per rank) and expert counts
+        are summed (so the imbalance is global); every rank of the group must call this
+        together. Keys (``L`` is the layer number):
 
         - ``deepep/{kind}_GBps/layer_L``, ``deepep/{kind}_ms/layer_L``: bandwidth and time summed over
           the iteration's micro-batches; ``deepep/{kind}_GBps`` and ``deepep/{kind}_ms`` are the
@@ -148,14 +150,15 @@ class CommMetrics:
                 dist.all_reduce(flat, group=group)
                 for i, key in enumerate(keys):
                     sums[key] = [flat[2 * i].item(), flat[2 * i + 1].item()]
+        num_ranks = dist.get_world_size(group) if use_group else 1
         out: dict[str, float] = {}
         per_kind: dict[str, list[tuple[float, float]]] = defaultdict(list)
         for layer, kind in keys:
             seconds, num_bytes = sums[(layer, kind)]
             gbps = num_bytes / seconds / 1e9 if seconds > 0 else 0.0
             out[f"{PREFIX}/{kind}_GBps/layer_{layer}"] = gbps
-            out[f"{PREFIX}/{kind}_ms/layer_{layer}"] = seconds * 1e3
-            per_kind[kind].append((gbps, seconds))
+            out[f"{PREFIX}/{kind}_ms/layer_{layer}"] = seconds / num_ranks * 1e3
+            per_kind[kind].append((gbps, seconds / num_ranks))
         for kind, values in per_kind.items():
             out[f"{PREFIX}/{kind}_GBps"] = sum(v[0] for v in values) / len(values)
             out[f"{PREFIX}/{kind}_ms"] = sum(v[1] for v in values) * 1e3
