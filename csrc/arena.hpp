@@ -43,11 +43,18 @@ private:
 };
 
 // One allocation; tensors viewing it share ownership through a shared_ptr to this object.
-struct ArenaBlock {
-    std::shared_ptr<Arena> arena;
-    size_t offset;
-    size_t bytes;
-    ~ArenaBlock() { arena->release(offset, bytes); }
+class ArenaBlock {
+public:
+    ArenaBlock(std::shared_ptr<Arena> arena, size_t offset, size_t bytes)
+        : arena_(std::move(arena)), offset_(offset), bytes_(bytes) {}
+    ~ArenaBlock() { arena_->release(offset_, bytes_); }
+    // A copy would release the block twice.
+    ArenaBlock(const ArenaBlock&) = delete;
+    ArenaBlock& operator=(const ArenaBlock&) = delete;
+
+private:
+    std::shared_ptr<Arena> arena_;
+    size_t offset_, bytes_;
 };
 
 }  // namespace deepep_megatron

@@ -302,7 +302,7 @@ DispatchOutputs IntranodeRuntime::dispatch(const at::Tensor& x, const std::optio
     // Outputs: views of the arena block (zero copy), or copies out of staging.
     const int64_t rows = num_rows;
     std::shared_ptr<ArenaBlock> owner;
-    if (out.zero_copy) owner = std::make_shared<ArenaBlock>(ArenaBlock{arena_, block_offset, block_layout.total_bytes});
+    if (out.zero_copy) owner = std::make_shared<ArenaBlock>(arena_, block_offset, block_layout.total_bytes);
     auto take = [&](size_t offset, at::IntArrayRef sizes, at::ScalarType dtype) {
         if (out.zero_copy) return view_in_region(owner, block_offset + offset, sizes, dtype);
         auto copy = at::empty(sizes, x.options().dtype(dtype));

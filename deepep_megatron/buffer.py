@@ -17,7 +17,7 @@ import torch.distributed as dist
 from deepep_megatron import validation as check
 from deepep_megatron.backends.base import DispatchRequest
 from deepep_megatron.backends.portable import PortableBackend
-from deepep_megatron.config import Config, align_up, get_combine_config, get_dispatch_config
+from deepep_megatron.config import Config, align_up, get_combine_config, get_dispatch_config, max_tokens_per_rank
 from deepep_megatron.event import EventOverlap
 from deepep_megatron.handle import DispatchHandle, LowLatencyHandle
 
@@ -43,6 +43,10 @@ class Buffer:
             to the `DEEPEP_MEGATRON_BACKEND` environment variable, else "auto".
         num_ranks_per_node: ranks that share one NVLink domain (default: the whole group, up to
             8). Groups larger than a node report `num_tokens_per_rdma_rank`.
+        num_arena_bytes: compiled backend only: bytes of registered memory that dispatch outputs
+            are returned in (zero copy: senders write each row at its final place). Default
+            `2 * num_nvl_bytes` (or `DEEPEP_MEGATRON_ARENA_BYTES`). When live outputs fill it,
+            further dispatches land in the staging area and are copied out (slower, still correct).
     """
 
     num_sms: int = 20
@@ -63,6 +67,7 @@ class Buffer:
         *,
         backend: str | None = None,
         num_ranks_per_node: int | None = None,
+        num_arena_bytes: int | None = None,
     ):
         if group is None:
             group = dist.group.WORLD
@@ -80,6 +85,7 @@ class Buffer:
             raise ValueError(
                 f"group size {self.group_size} is not a multiple of num_ranks_per_node={self.num_ranks_per_node}"
             )
+        self.num_arena_bytes = num_arena_bytes
         self.backend_preference = (backend or os.environ.get(BACKEND_ENV, "auto")).lower()
         if self.backend_preference not in ("auto", "portable", "cuda"):
             raise ValueError(f"backend must be 'auto', 'portable' or 'cuda', got {self.backend_preference!r}")
@@ -102,7 +108,7 @@ class Buffer:
             if self.backend_preference == "cuda":
                 raise RuntimeError(f"backend='cuda' requested but the compiled backend cannot serve: {reason}")
             return None
-        return cuda_backend.CudaBackend(self.group, self.num_nvl_bytes)
+        return cuda_backend.CudaBackend(self.group, self.num_nvl_bytes, self.num_arena_bytes)
 
     def _backend_for(self, device: torch.device, handle: DispatchHandle | None = None):
         if handle is not None:
@@ -332,7 +338,7 @@ class Buffer:
                 num_tokens, self.group_size, None, device, num_tokens_per_rank, is_token_in_rank, num_tokens_per_expert
             )
             if topk_idx is not None:
-                check.check_topk_idx(topk_idx, num_tokens_per_expert.numel(), self.group_size)
+                check.check_topk_idx(topk_idx, num_tokens_per_expert.numel(), self.group_size, device)
                 if topk_idx.size(0) != num_tokens:
                     raise ValueError(f"topk_idx has {topk_idx.size(0)} rows but x has {num_tokens}")
             if topk_weights is not None:
@@ -372,12 +378,15 @@ class Buffer:
             raise ValueError("a cached dispatch (handle given) takes no topk_idx / topk_weights")
         if payload.size(0) != handle.num_tokens:
             raise ValueError(f"cached dispatch: x has {payload.size(0)} rows, the handle was made for {handle.num_tokens}")
+        if payload.device != handle.is_token_in_rank.device:
+            raise TypeError(f"cached dispatch: x is on device {payload.device}, the handle on {handle.is_token_in_rank.device}")
 
     def _check_capacity(self, backend, num_tokens: int, payload, scales, topk_idx) -> None:
-        capacity = getattr(backend, "max_tokens_per_rank", None)
-        if capacity is None:
+        """The same limit on every backend: what `num_nvl_bytes` holds (no limit when it is 0)."""
+        if self.num_nvl_bytes <= 0:
             return
-        limit = capacity(payload.size(1) * payload.element_size(), 0 if scales is None else scales.size(1))
+        hidden_bytes = payload.size(1) * payload.element_size()
+        limit = max_tokens_per_rank(self.num_nvl_bytes, hidden_bytes, 0 if scales is None else scales.size(1), self.group_size)
         if num_tokens > limit:
             raise ValueError(
                 f"{num_tokens} tokens exceed what this Buffer holds for hidden={payload.size(1)} "
@@ -412,7 +421,7 @@ class Buffer:
         self._check_alive()
         if not isinstance(handle, DispatchHandle):
             raise TypeError(f"handle must be a DispatchHandle from Buffer.dispatch, got {type(handle).__name__}")
-        check.check_tensor("x", x, dtype=torch.bfloat16, ndim=2, device=x.device)
+        check.check_tensor("x", x, dtype=torch.bfloat16, ndim=2, device=handle.is_token_in_rank.device)
         if tuple(x.shape) != (handle.num_recv_rows, handle.hidden):
             raise ValueError(f"combine x must have shape {(handle.num_recv_rows, handle.hidden)}, got {tuple(x.shape)}")
         if topk_weights is not None:
@@ -475,8 +484,9 @@ class Buffer:
             `[E_local]` int32; `hook` is None unless `return_recv_hook`.
         """
         self._check_alive()
-        check.check_tensor("x", x, dtype=torch.bfloat16, ndim=2, device=x.device)
-        check.check_topk_idx(topk_idx, num_experts, self.group_size)
+        check.check_tensor("x", x, dtype=torch.bfloat16, ndim=2, device=None)
+        check.check_topk_idx(topk_idx, num_experts, self.group_size, x.device)
+        check.check_recv_stats(cumulative_local_expert_recv_stats, num_experts // self.group_size, x.device)
         if topk_idx.size(0) != x.size(0):
             raise ValueError(f"topk_idx has {topk_idx.size(0)} rows but x has {x.size(0)}")
         if x.size(0) > num_max_dispatch_tokens_per_rank:
@@ -581,10 +591,10 @@ class Buffer:
             raise TypeError("handle must be the LowLatencyHandle from low_latency_dispatch")
         experts_per_rank = handle.num_experts // self.group_size
         expected = (experts_per_rank, self.group_size * handle.num_max_dispatch_tokens_per_rank, handle.hidden)
-        check.check_tensor("x", x, dtype=torch.bfloat16, ndim=3, device=x.device)
+        check.check_tensor("x", x, dtype=torch.bfloat16, ndim=3, device=handle.recv_count.device)
         if tuple(x.shape) != expected:
             raise ValueError(f"low_latency_combine x must have shape {expected}, got {tuple(x.shape)}")
-        check.check_topk_idx(topk_idx, handle.num_experts, self.group_size)
+        check.check_topk_idx(topk_idx, handle.num_experts, self.group_size, x.device)
         check.check_topk_weights(topk_weights, topk_idx)
         if out is not None:
             check.check_tensor("out", out, dtype=torch.bfloat16, ndim=2, device=x.device)

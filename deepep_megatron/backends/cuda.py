@@ -8,6 +8,7 @@ Dispatch outputs are views of the arena (zero copy) while it has room, ordinary 
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -25,7 +26,7 @@ else:
     _IMPORT_ERROR = ""
 
 TIMEOUT_ENV = "DEEPEP_MEGATRON_TIMEOUT_S"  # bound on every device-side wait (default 100 s)
-ARENA_ENV = "DEEPEP_MEGATRON_ARENA_BYTES"  # zero-copy arena size (default: num_nvl_bytes)
+ARENA_ENV = "DEEPEP_MEGATRON_ARENA_BYTES"  # zero-copy arena size (default: 2 * num_nvl_bytes)
 
 
 def extension_available() -> bool:
@@ -52,17 +53,22 @@ class CudaBackend:
 
     name = "cuda"
 
-    def __init__(self, group: dist.ProcessGroup, num_nvl_bytes: int):
+    def __init__(self, group: dist.ProcessGroup, num_nvl_bytes: int, num_arena_bytes: int | None = None):
         self.group = group
         self.rank = dist.get_rank(group)
         self.num_ranks = dist.get_world_size(group)
         self.num_nvl_bytes = num_nvl_bytes
         timeout = float(os.environ.get(TIMEOUT_ENV, "100"))
-        arena_bytes = int(os.environ.get(ARENA_ENV, str(num_nvl_bytes)))
+        # Two worst-case dispatch outputs can be held zero-copy at once (e.g. one layer's output
+        # while the next dispatch lands); past that, outputs are copied out of staging.
+        if num_arena_bytes is None:
+            num_arena_bytes = int(os.environ.get(ARENA_ENV, str(2 * num_nvl_bytes)))
+        arena_bytes = num_arena_bytes
         self.runtime = _C.IntranodeRuntime(self.rank, self.num_ranks, num_nvl_bytes, arena_bytes, timeout)
         handles: list = [None] * self.num_ranks
         dist.all_gather_object(handles, self.runtime.ipc_handle(), group=group)
         self.runtime.open_peers(handles)
+        self.num_copied_out = 0
         dist.barrier(group=group)
 
     def destroy(self, collective: bool = True) -> None:
@@ -89,6 +95,7 @@ class CudaBackend:
                 request.num_tokens_per_expert, None, None, 0, request.num_worst_tokens, request.expert_alignment,
                 request.num_sms,
             )
+            self._note_copy_out(outputs)
             num_rows = outputs.recv_x.size(0)
             handle = DispatchHandle(
                 backend=self.name,
@@ -110,7 +117,21 @@ class CudaBackend:
             request.x, request.scales, None, None, None, None, handle.num_tokens_matrix, handle.send_slot,
             handle.num_recv_rows, handle.backend_state, 1, request.num_sms,
         )
+        self._note_copy_out(outputs)
         return DispatchResult(outputs.recv_x, outputs.recv_scales, None, None, handle)
+
+    def _note_copy_out(self, outputs) -> None:
+        """Count (and warn once about) dispatches that did not fit the zero-copy arena."""
+        if outputs.zero_copy:
+            return
+        self.num_copied_out += 1
+        if self.num_copied_out == 1:
+            warnings.warn(
+                f"deepep_megatron: a dispatch output did not fit the zero-copy arena "
+                f"({self.runtime.arena_bytes_in_use} bytes held by live outputs) and was copied out of "
+                "staging, which costs a second pass; raise Buffer(num_arena_bytes=...) or free outputs sooner",
+                stacklevel=4,
+            )
 
     def combine(self, x, handle: DispatchHandle, topk_weights, biases, num_sms):
         bias0 = biases[0] if len(biases) > 0 else None
