@@ -32,6 +32,19 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$deps_hash" ]; then
   echo "$deps_hash" > "$stamp"
 fi
 # Editable install; the CUDA extension is built only where torch has CUDA and nvcc exists,
-# unless DEEPEP_MEGATRON_BUILD_EXT=0.
-PIP_CONSTRAINT= "${PIP[@]}" install -q --no-build-isolation --no-deps -e .
+# unless DEEPEP_MEGATRON_BUILD_EXT=0. Skipped when neither the sources nor the choice changed.
+: "${CUDA_HOME:=$( [ -x /usr/local/cuda/bin/nvcc ] && echo /usr/local/cuda || true )}"
+export CUDA_HOME
+build_stamp="$VENV/.deepep_megatron_build"
+build_hash=$( (cat setup.py pyproject.toml; find csrc -type f | sort | xargs cat; echo "${DEEPEP_MEGATRON_BUILD_EXT:-auto}") | sha256sum | cut -c1-16)
+if [ ! -f "$build_stamp" ] || [ "$(cat "$build_stamp")" != "$build_hash" ]; then
+  start=$(date +%s)
+  PIP_CONSTRAINT= "${PIP[@]}" install -q --no-build-isolation --no-deps -e .
+  echo "$build_hash" > "$build_stamp"
+  echo "setup_env: package installed in $(( $(date +%s) - start )) s"
+fi
+"$VENV/bin/python" - <<'PY'
+from deepep_megatron.backends import cuda
+print("setup_env: compiled extension", "available" if cuda.extension_available() else "not built (portable backend only)")
+PY
 echo "setup_env: ready ($("$VENV/bin/python" --version), $("$VENV/bin/python" -c 'import torch; print("torch", torch.__version__)'))"
