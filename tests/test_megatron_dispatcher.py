@@ -178,11 +178,21 @@ gpu = pytest.mark.skipif(not _gpu_ready(), reason="needs a CUDA GPU")
 
 @pytest.fixture(scope="module")
 def gpu_pool():
+    """4 ranks on the GPU(s): with a single GPU all ranks share it under MPS (the compiled kernels
+    need the ranks' kernels to run concurrently), bootstrapped over gloo."""
+    from deepep_megatron.launch import start_mps_daemon
     from deepep_megatron.testing.rank_pool import RankPool
 
-    pool = RankPool(4, backend="gloo", device="cuda", env={"DEEPEP_MEGATRON_SHARE_GPU": "1"})
+    share_gpu = torch.cuda.device_count() < 4
+    env = {"DEEPEP_MEGATRON_SHARE_GPU": "1" if share_gpu else "0", "DEEPEP_MEGATRON_TIMEOUT_S": "60"}
+    daemon = start_mps_daemon() if share_gpu else None
+    if daemon is not None:
+        env.update(daemon.env)
+    pool = RankPool(4, backend="gloo", device="cuda", env=env)
     yield pool
     pool.close()
+    if daemon is not None:
+        daemon.stop()
 
 
 @gpu
@@ -208,6 +218,19 @@ def test_gpu_moe_layer_equal_across_ep(gpu_pool):
                 assert_close(
                     ours[rank], reference[rank], MOE_KEYS, what=f"EP={ep} overlap={overlap} rank {rank}"
                 )
+
+
+@gpu
+@pytest.mark.gpu
+def test_gpu_compiled_backend_matches_portable(gpu_pool):
+    """The compiled kernels (when built) give the portable backend's results through the whole
+    MoELayer, forward and backward, FP8 dispatch (the GPU default) and shared-expert overlap on."""
+    portable = gpu_pool.run(mt.moe_layer_step, 4, "deepep", True, None, 11, "portable")
+    auto = gpu_pool.run(mt.moe_layer_step, 4, "deepep", True, None, 11, "auto")
+    assert portable[0]["buffer_backend"] == "portable"
+    print(f"Buffer backend for CUDA tensors: {auto[0]['buffer_backend']}")
+    for rank in range(4):
+        assert_close(auto[rank], portable[rank], MOE_KEYS, tol=1e-6, what=f"rank {rank}")
 
 
 @gpu

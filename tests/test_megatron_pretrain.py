@@ -1,4 +1,4 @@
-"""End to end: examples/pretrain_deepseek_v3/pretrain.py under torchrun.
+"""End to end: examples/pretrain_deepseek_v3/pretrain.py on several ranks.
 
 CPU: the tiny preset (EP=4 over 4 gloo ranks) trains with the deepep dispatcher to the same
 losses as megatron-core's alltoall dispatcher, logs the DeepEP metrics and leaves a wandb offline
@@ -25,7 +25,7 @@ SCRIPT = ROOT / "examples" / "pretrain_deepseek_v3" / "pretrain.py"
 pytestmark = pytest.mark.megatron
 
 
-def torchrun(
+def launch(
     nproc: int, args: list[str], metrics: Path, env: dict | None = None, timeout: int = 600
 ) -> list[dict]:
     cmd = [
@@ -51,13 +51,13 @@ def torchrun(
 
 def test_tiny_pretrain_matches_alltoall(tmp_path):
     iters = ["--config", "tiny", "--train-iters", "5"]
-    deepep = torchrun(
+    deepep = launch(
         4,
         [*iters, "--wandb-save-dir", str(tmp_path / "wandb")],
         tmp_path / "deepep.jsonl",
         env={"WANDB_MODE": "offline"},
     )
-    alltoall = torchrun(
+    alltoall = launch(
         4, [*iters, "--moe-token-dispatcher-type", "alltoall", "--wandb-project", ""], tmp_path / "a2a.jsonl"
     )
     assert len(deepep) == len(alltoall) == 5
@@ -104,10 +104,10 @@ def test_gpu_proxy_loss_matches_portable_backend(tmp_path):
         "",
     ]
     env = {"DEEPEP_MEGATRON_SHARE_GPU": "1"}
-    portable = torchrun(
+    portable = launch(
         4, common, tmp_path / "portable.jsonl", env={**env, "DEEPEP_MEGATRON_BACKEND": "portable"}
     )
-    compiled = torchrun(4, common, tmp_path / "auto.jsonl", env={**env, "DEEPEP_MEGATRON_BACKEND": "auto"})
+    compiled = launch(4, common, tmp_path / "auto.jsonl", env={**env, "DEEPEP_MEGATRON_BACKEND": "auto"})
     for ours, ref in zip(compiled, portable):
         assert abs(ours["train/loss"] - ref["train/loss"]) < 2e-2 * max(1.0, abs(ref["train/loss"]))
     assert compiled[-1]["train/loss"] < compiled[0]["train/loss"]

@@ -161,17 +161,28 @@ def _expert_grads(layer, config) -> dict[str, torch.Tensor]:
 
 
 def moe_layer_step(
-    ep: int, dispatcher: str = "deepep", shared_overlap: bool = False, fp8=None, seed: int = 11
+    ep: int,
+    dispatcher: str = "deepep",
+    shared_overlap: bool = False,
+    fp8=None,
+    seed: int = 11,
+    backend: str | None = None,
 ):
     """Forward and backward of one MoELayer on this rank's tokens. Returns CPU tensors: the
     output, the input gradient, the router weight gradient (this rank's tokens only), the
-    expert and shared-expert gradients (summed over all ranks)."""
+    expert and shared-expert gradients (summed over all ranks), and which Buffer backend served.
+
+    ``fp8``: None = the default (on for CUDA tensors); ``backend``: the Buffer backend
+    ("auto", "portable", "cuda"; None = the default)."""
     from deepep_megatron.megatron import configure
+    from deepep_megatron.megatron.dispatcher import _BUFFERS
 
     setup(ep)
     configure()
     if fp8 is not None:
         configure(fp8_dispatch=fp8)
+    if backend is not None:
+        configure(backend=backend)
     config = moe_config(dispatcher, moe_shared_expert_overlap=shared_overlap)
     layer = build_moe_layer(config)
     load_weights(layer, global_weights(config))
@@ -186,6 +197,7 @@ def moe_layer_step(
         "grad_x": x.grad.float().cpu(),
         "grad_router": layer.router.weight.grad.float().cpu(),
         "dispatcher": type(layer.token_dispatcher).__name__,
+        "buffer_backend": next(iter(_BUFFERS.values())).backend_name if _BUFFERS else None,
     }
     result.update(_expert_grads(layer, config))
     if layer.shared_experts is not None:

@@ -322,8 +322,11 @@ def main(argv: list[str] | None = None) -> dict:
         torch.set_num_threads(
             max(1, (os.cpu_count() or 1) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
         )
+    backend = args.distributed_backend
+    if use_cuda and backend == "nccl" and os.environ.get("DEEPEP_MEGATRON_SHARE_GPU") == "1":
+        backend = "gloo"  # NCCL refuses several ranks on one GPU
     if not dist.is_initialized():
-        dist.init_process_group(backend=args.distributed_backend, rank=rank, world_size=world)
+        dist.init_process_group(backend=backend, rank=rank, world_size=world)
 
     from deepep_megatron.megatron import cpu_compat
 
@@ -376,7 +379,7 @@ def main(argv: list[str] | None = None) -> dict:
     num_params = sum(p.numel() for p in model.parameters())
     dispatcher = args.moe_token_dispatcher_type
     if rank == 0:
-        backend = args.deepep_backend or os.environ.get("DEEPEP_MEGATRON_BACKEND", "auto")
+        buffer_backend = args.deepep_backend or os.environ.get("DEEPEP_MEGATRON_BACKEND", "auto")
         options = dm.resolve_options(config)
         fp8 = options.fp8_dispatch if options.fp8_dispatch is not None else device.type == "cuda"
         print(
@@ -386,7 +389,8 @@ def main(argv: list[str] | None = None) -> dict:
             f"MLA={args.multi_latent_attention}, {num_params / 1e6:.2f} M parameters on rank 0 | "
             f"world {world}, EP {args.expert_model_parallel_size}, "
             f"DP {dp_size}, {num_micro} micro-batch(es) of {args.micro_batch_size}x{args.seq_length} | "
-            f"device {device.type}, dispatcher {dispatcher} (Buffer backend {backend}, FP8 dispatch {fp8}), "
+            f"device {device.type}, dispatcher {dispatcher} "
+            f"(Buffer backend {buffer_backend}, FP8 dispatch {fp8}), "
             f"experts {'TE' if use_te else 'SequentialMLP'}",
             flush=True,
         )
@@ -435,6 +439,17 @@ def main(argv: list[str] | None = None) -> dict:
         }
         scalars.update(dm.collect(ep_group))
         history.append(scalars)
+        if rank == 0 and iteration == 0:
+            from deepep_megatron.megatron.dispatcher import _BUFFERS
+
+            for buffer in _BUFFERS.values():
+                print(
+                    f"[pretrain] deepep Buffer: {buffer.group_size} ranks, "
+                    f"backend for {device.type} tensors: "
+                    f"{buffer.backend_name if device.type == 'cuda' else 'portable'}, "
+                    f"num_nvl_bytes {buffer.num_nvl_bytes / 2**20:.1f} MiB",
+                    flush=True,
+                )
         if rank == 0:
             logger.log(scalars, iteration + 1)
             if (iteration + 1) % args.log_interval == 0 or iteration + 1 == args.train_iters:
