@@ -22,6 +22,11 @@ What :func:`install` changes (megatron-core 0.19.2):
    :class:`DeepEPTokenDispatcher` while a deepep layer is being built, and restores ``deepep`` in
    the config at that moment, before the experts are built), then links the dispatcher to its
    layer. Layers of any other type are untouched.
+4. **Logging** (with ``arguments=True``, when Megatron-LM's ``megatron.training`` is used):
+   ``training_log`` -- called by every rank once per iteration -- is wrapped to collect the
+   DeepEP metrics (:mod:`deepep_megatron.megatron.metrics`, summed over the expert-parallel group)
+   and log them with Megatron's wandb writer (``--wandb-project``...) at the same iteration, and to
+   print their means on the logging rank every ``--log-interval`` iterations.
 """
 
 from __future__ import annotations
@@ -150,13 +155,54 @@ def _patch_arguments() -> bool:
     return True
 
 
+def _patch_training_log() -> bool:
+    try:
+        from megatron.training import training
+    except Exception:  # megatron.training is optional
+        return False
+    import torch.distributed as dist
+
+    from deepep_megatron.megatron.metrics import METRICS
+
+    original = training.training_log
+    signature = inspect.signature(original)
+
+    def training_log(*args, **kwargs):
+        result = original(*args, **kwargs)
+        if not METRICS._records and not METRICS._expert_counts:
+            return result
+        from megatron.core import parallel_state as ps
+        from megatron.training.global_vars import get_args, get_wandb_writer
+
+        iteration = signature.bind(*args, **kwargs).arguments["iteration"]
+        scalars = METRICS.collect(ps.get_expert_model_parallel_group())
+        writer = get_wandb_writer()
+        if writer is not None:
+            writer.log(scalars, iteration)
+        interval = getattr(get_args(), "log_interval", 1) or 1
+        if dist.get_rank() == dist.get_world_size() - 1 and iteration % interval == 0 and scalars:
+            get = scalars.get
+            print(
+                f" [deepep] iteration {iteration}: dispatch {get('deepep/dispatch_GBps', 0):.1f} GB/s "
+                f"({get('deepep/dispatch_ms', 0):.2f} ms), combine {get('deepep/combine_GBps', 0):.1f} GB/s "
+                f"({get('deepep/combine_ms', 0):.2f} ms), "
+                f"tokens-per-expert imbalance {get('deepep/expert_imbalance', 0):.2f}",
+                flush=True,
+            )
+        return result
+
+    training_log.__wrapped__ = original
+    _patch(training, "training_log", training_log)
+    return True
+
+
 def install(arguments: bool = True) -> None:
     """Make ``--moe-token-dispatcher-type deepep`` / ``TransformerConfig(moe_token_dispatcher_type=
     "deepep")`` build :class:`~deepep_megatron.megatron.DeepEPTokenDispatcher` in every MoELayer.
 
     Args:
-        arguments: also add the ``--deepep-*`` flags to Megatron-LM's parser
-            (``megatron.training``), if it is importable.
+        arguments: also add the ``--deepep-*`` flags to Megatron-LM's parser and log the DeepEP
+            metrics from its ``training_log`` (``megatron.training``), if it is importable.
 
     Idempotent; :func:`uninstall` reverts it.
     """
@@ -168,6 +214,7 @@ def install(arguments: bool = True) -> None:
         _patch_moe_layer()
         if arguments:
             _patch_arguments()
+            _patch_training_log()
     except BaseException:
         uninstall()
         raise
