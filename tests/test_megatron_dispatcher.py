@@ -58,6 +58,16 @@ def test_dispatcher_handles_dropped_slots(cpu_pools):
         assert_close(ours[rank], reference[rank], ["out", "grad_x", "grad_probs"], what=f"rank {rank}")
 
 
+def test_dispatcher_rank_receives_nothing(cpu_pools):
+    """Every token routed to rank 0's experts: ranks 1-3 receive zero rows, run their experts on
+    empty inputs and still combine and backpropagate (megatron-core issue #1877's case)."""
+    pool = cpu_pools(4)
+    ours = pool.run(mt.dispatcher_step, 4, "deepep", 9, 0.0, None, True)
+    reference = pool.run(mt.dispatcher_step, 4, "reference", 9, 0.0, None, True)
+    for rank in range(4):
+        assert_close(ours[rank], reference[rank], ["out", "grad_x", "grad_probs"], what=f"rank {rank}")
+
+
 MOE_KEYS = ["out", "grad_x", "grad_router", "grad_fc1", "grad_fc2", "grad_shared_fc1", "grad_shared_fc2"]
 
 

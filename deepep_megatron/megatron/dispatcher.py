@@ -99,13 +99,22 @@ class _DispatchState:
     Backward never reads it: the autograd Functions keep their own references, so activation
     recomputation and interleaved micro-batches are safe."""
 
-    __slots__ = ("handle", "recv_topk_idx", "tokens_per_expert", "permuted_rows", "num_recv_rows", "fp8")
+    __slots__ = (
+        "handle",
+        "recv_topk_idx",
+        "tokens_per_expert",
+        "permuted_rows",
+        "slots",
+        "num_recv_rows",
+        "fp8",
+    )
 
     def __init__(self) -> None:
         self.handle = None
         self.recv_topk_idx = None
         self.tokens_per_expert: list[int] = []
         self.permuted_rows = None
+        self.slots = None
         self.num_recv_rows = 0
         self.fp8 = False
 
@@ -223,33 +232,40 @@ class _Combine(torch.autograd.Function):
         return grad_x.to(ctx.x_dtype), None, None, None
 
 
+def _sum_slots(x: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """``out[r] = sum_k x[slots[r, k]]`` over the K slots of each row, where ``slots`` holds row
+    indices of ``x`` or ``x.size(0)`` for "nothing". Accumulates in fp32 in slot order and rounds
+    once, so it is deterministic on every device (unlike ``index_add_`` with CUDA atomics)."""
+    padded = torch.cat([x, x.new_zeros((1, x.size(1)))])
+    out = torch.zeros((slots.size(0), x.size(1)), dtype=torch.float32, device=x.device)
+    for k in range(slots.size(1)):
+        out += padded.index_select(0, slots[:, k]).float()
+    return out.to(x.dtype)
+
+
 class _PermuteRows(torch.autograd.Function):
-    """``x[rows]``; the backward sums the gradients of repeated rows in fp32."""
+    """Received rows -> expert-major rows: ``x[rows]``. The backward sums each received row's
+    gradients over its local experts (:func:`_sum_slots`)."""
 
     @staticmethod
-    def forward(ctx, x, rows):
-        ctx.save_for_backward(rows)
-        ctx.num_rows = x.size(0)
+    def forward(ctx, x, rows, slots):
+        ctx.save_for_backward(slots)
         return x.index_select(0, rows)
 
     @staticmethod
     def backward(ctx, grad):
-        (rows,) = ctx.saved_tensors
-        out = torch.zeros((ctx.num_rows, grad.size(1)), dtype=torch.float32, device=grad.device)
-        out.index_add_(0, rows, grad.float())
-        return out.to(grad.dtype), None
+        (slots,) = ctx.saved_tensors
+        return _sum_slots(grad, slots), None, None
 
 
 class _UnpermuteRows(torch.autograd.Function):
-    """Sum the rows of ``x`` into ``num_rows`` rows at ``rows`` (fp32 accumulation, one rounding);
-    the backward gathers."""
+    """Expert-major outputs -> one row per received token: the sum over its local experts
+    (:func:`_sum_slots`, fp32, one rounding). The backward gathers."""
 
     @staticmethod
-    def forward(ctx, x, rows, num_rows):
+    def forward(ctx, x, rows, slots):
         ctx.save_for_backward(rows)
-        out = torch.zeros((num_rows, x.size(1)), dtype=torch.float32, device=x.device)
-        out.index_add_(0, rows, x.float())
-        return out.to(x.dtype)
+        return _sum_slots(x, slots)
 
     @staticmethod
     def backward(ctx, grad):
@@ -273,15 +289,23 @@ def routing_map_to_topk(routing_map: torch.Tensor, probs: torch.Tensor, topk: in
 
 
 def expert_major_order(recv_topk_idx: torch.Tensor, num_local_experts: int, total: int):
-    """Positions in the flattened ``[R, K]`` top-k of the (row, local expert) pairs, sorted by
-    expert, then row. ``total`` (the number of valid pairs) is known on the host, so this never
-    synchronises. Returns ``(flat_positions [total], rows [total])``."""
+    """The (received row, local expert) pairs in expert-major order (by expert, then row).
+
+    ``total`` (the number of pairs) is known on the host, so this never synchronises.
+
+    Returns:
+        ``(positions [total], rows [total], slots [R, K])``: each pair's index in the flattened
+        ``[R, K]`` top-k, its row, and for each top-k slot the pair's index in expert-major order
+        (``total`` where the slot holds another rank's expert).
+    """
     num_rows, k = recv_topk_idx.shape
     flat = recv_topk_idx.reshape(-1)
     rows = torch.arange(num_rows, device=flat.device).repeat_interleave(k)
     key = torch.where(flat >= 0, flat * num_rows + rows, torch.full_like(flat, num_local_experts * num_rows))
     positions = torch.argsort(key, stable=True)[:total]
-    return positions, positions.div(k, rounding_mode="floor")
+    slots = torch.full((num_rows * k,), total, dtype=torch.long, device=flat.device)
+    slots[positions] = torch.arange(total, device=flat.device)
+    return positions, positions.div(k, rounding_mode="floor"), slots.view(num_rows, k)
 
 
 def _is_capturing() -> bool:
@@ -415,9 +439,9 @@ class DeepEPTokenDispatcher(MoETokenDispatcher):
         probabilities (fp32)."""
         state = self._state
         counts = state.tokens_per_expert
-        positions, rows = expert_major_order(state.recv_topk_idx, self.num_local_experts, sum(counts))
-        state.permuted_rows = rows
-        permuted_tokens = _PermuteRows.apply(hidden_states, rows)
+        positions, rows, slots = expert_major_order(state.recv_topk_idx, self.num_local_experts, sum(counts))
+        state.permuted_rows, state.slots = rows, slots
+        permuted_tokens = _PermuteRows.apply(hidden_states, rows, slots)
         permuted_probs = probs.reshape(-1).index_select(0, positions)
         tokens_per_expert = torch.tensor(counts, dtype=torch.long)
         return permuted_tokens, tokens_per_expert, permuted_probs
@@ -425,7 +449,7 @@ class DeepEPTokenDispatcher(MoETokenDispatcher):
     def combine_preprocess(self, hidden_states: torch.Tensor):
         """Expert-major outputs -> one row per received token (sum over its local experts)."""
         state = self._state
-        return _UnpermuteRows.apply(hidden_states, state.permuted_rows, state.num_recv_rows)
+        return _UnpermuteRows.apply(hidden_states, state.permuted_rows, state.slots)
 
     def token_combine(self, hidden_states: torch.Tensor):
         """Combine on the Buffer's communication stream; the shared experts' second GEMM is

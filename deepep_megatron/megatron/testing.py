@@ -210,14 +210,17 @@ def moe_layer_step(
 # ------------------------------------------------------------------ dispatcher-only checks
 
 
-def _routing(seed: int, num_tokens: int, drop_fraction: float = 0.0):
+def _routing(seed: int, num_tokens: int, drop_fraction: float = 0.0, skew: bool = False):
     """Dense group-limited sigmoid routing for this rank's tokens: ``(routing_map [T, E] bool,
     probs [T, E] fp32)``; with ``drop_fraction``, some (token, expert) pairs are dropped, as
-    capacity dropping does."""
+    capacity dropping does; with ``skew``, every token picks experts 0..3 (so at EP=4 only rank 0
+    receives anything)."""
     from deepep_megatron.routing import topk_routing
 
     rank = dist.get_rank()
     logits = global_inputs(seed, (num_tokens, NUM_EXPERTS), torch.float32)[rank]
+    if skew:
+        logits[:, :TOPK] += 20.0
     idx, weights = topk_routing(
         logits,
         TOPK,
@@ -254,7 +257,9 @@ def _run_experts(tokens, tokens_per_expert, permuted_probs, weights, local_exper
     return torch.cat(outs) if outs else tokens[:0]
 
 
-def dispatcher_step(ep: int, dispatcher: str, seed: int = 21, drop_fraction: float = 0.0, fp8=None):
+def dispatcher_step(
+    ep: int, dispatcher: str, seed: int = 21, drop_fraction: float = 0.0, fp8=None, skew: bool = False
+):
     """Run the six stages of one dispatcher with stand-in experts on this rank's tokens, then
     backward. Returns ``{"out", "grad_x", "grad_probs"}`` (CPU), and for ``dispatcher="reference"``
     the plain semantics computed locally with every expert: ``out[t] = sum_e map[t, e] *
@@ -269,7 +274,7 @@ def dispatcher_step(ep: int, dispatcher: str, seed: int = 21, drop_fraction: flo
     configure()
     rank = dist.get_rank()
     num_tokens = SEQ * BATCH
-    routing_map, probs = _routing(seed, num_tokens, drop_fraction)
+    routing_map, probs = _routing(seed, num_tokens, drop_fraction, skew)
     routing_map, probs = routing_map.to(device()), probs.to(device()).requires_grad_(True)
     x = global_inputs(seed + 1, (SEQ, BATCH, HIDDEN))[rank].to(device()).requires_grad_(True)
     dy = global_inputs(seed + 2, (SEQ, BATCH, HIDDEN))[rank].to(device())
