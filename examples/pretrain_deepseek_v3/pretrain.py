@@ -155,7 +155,11 @@ def build_model(args, config, device):
         rotary_base=args.rotary_base,
         mtp_block_spec=mtp_spec,
     )
-    return model.to(device=device, dtype=torch.bfloat16 if args.bf16 else torch.float32), use_te
+    model = model.to(device)
+    dtype = torch.bfloat16 if args.bf16 else torch.float32
+    for param in model.parameters():  # parameters only: the router's buffers stay fp32
+        param.data = param.data.to(dtype)
+    return model, use_te
 
 
 def wrap_ddp(config, model):
