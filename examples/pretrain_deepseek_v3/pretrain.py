@@ -21,7 +21,7 @@ so the loss has somewhere to go: from ln(vocab) towards the chain's entropy (pri
 
 Logging: every iteration prints loss, throughput, and DeepEP dispatch/combine bandwidth, time and
 tokens-per-expert imbalance; with ``--wandb-project`` the same scalars go to wandb, offline unless
-``WANDB_MODE`` says otherwise (``--wandb-save-dir``, default ``./wandb-runs``).
+``WANDB_MODE`` says otherwise (``--wandb-save-dir``, default ``./runs``).
 """
 
 from __future__ import annotations
@@ -259,7 +259,7 @@ class Logger:
             os.environ.setdefault("WANDB_SILENT", "true")
             import wandb
 
-            save_dir = args.wandb_save_dir or os.path.join(os.getcwd(), "wandb-runs")
+            save_dir = args.wandb_save_dir or os.path.join(os.getcwd(), "runs")
             os.makedirs(save_dir, exist_ok=True)
             simple = {
                 k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, type(None)))
