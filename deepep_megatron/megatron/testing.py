@@ -8,6 +8,7 @@ fixed seeds, so a layer at EP=1 and the same layer at EP=2 or 4 see identical nu
 
 from __future__ import annotations
 
+import functools
 import warnings
 
 import torch
@@ -47,6 +48,34 @@ def setup(ep: int, seed: int = 1234) -> None:
     torch.manual_seed(seed)
     if torch.cuda.is_available():
         tensor_parallel.model_parallel_cuda_manual_seed(seed)
+
+
+def teardown() -> None:
+    """Undo :func:`setup` (the rank pools are shared with other tests): options, Buffers, parallel
+    state, install() patches and the CPU stand-ins."""
+    from megatron.core import parallel_state as ps
+
+    from deepep_megatron.megatron import configure, cpu_compat, release_buffers, uninstall
+
+    configure()
+    release_buffers()
+    if ps.model_parallel_is_initialized():
+        ps.destroy_model_parallel()
+    uninstall()
+    cpu_compat.disable()
+
+
+def _session(fn):
+    """Run a rank function between :func:`setup` (called by ``fn``) and :func:`teardown`."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            teardown()
+
+    return wrapper
 
 
 def moe_config(dispatcher: str = "deepep", **overrides):
@@ -160,6 +189,7 @@ def _expert_grads(layer, config) -> dict[str, torch.Tensor]:
     return {"grad_fc1": fc1.cpu(), "grad_fc2": fc2.cpu()}
 
 
+@_session
 def moe_layer_step(
     ep: int,
     dispatcher: str = "deepep",
@@ -257,6 +287,7 @@ def _run_experts(tokens, tokens_per_expert, permuted_probs, weights, local_exper
     return torch.cat(outs) if outs else tokens[:0]
 
 
+@_session
 def dispatcher_step(
     ep: int, dispatcher: str, seed: int = 21, drop_fraction: float = 0.0, fp8=None, skew: bool = False
 ):
@@ -317,6 +348,7 @@ def _ep_rank() -> int:
     return ps.get_expert_model_parallel_rank()
 
 
+@_session
 def fp8_dispatch_roundtrip(ep: int, seed: int = 31):
     """Dispatch the same tokens in BF16 and in FP8; returns, per received row, the FP8 result,
     the BF16 result and the elementwise error bound of the 1x128 cast (all CPU)."""
