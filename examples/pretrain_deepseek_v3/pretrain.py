@@ -336,6 +336,10 @@ def main(argv: list[str] | None = None) -> dict:
 
     if not use_cuda:
         cpu_compat.enable()
+    elif backend == "gloo":
+        from deepep_megatron.megatron import shared_gpu_compat
+
+        shared_gpu_compat.enable()  # DDP's coalesced gradient all-reduce, one bucket at a time
     dm.configure(
         **{
             name: getattr(args, "deepep_" + name)
