@@ -57,18 +57,30 @@ def extension_modules():
     except ImportError:
         log("torch is not importable at build time: skipping the CUDA extension (portable backend only)")
         return [], {}
-    if torch.version.cuda is None or CUDA_HOME is None or shutil.which("nvcc", path=os.path.join(CUDA_HOME, "bin")) is None:
-        message = "torch has no CUDA or nvcc was not found: skipping the CUDA extension (portable backend only)"
+    if (
+        torch.version.cuda is None
+        or CUDA_HOME is None
+        or shutil.which("nvcc", path=os.path.join(CUDA_HOME, "bin")) is None
+    ):
+        message = (
+            "torch has no CUDA or nvcc was not found: skipping the CUDA extension (portable backend only)"
+        )
         if choice == "1":
             raise RuntimeError(message)
         log(message)
         return [], {}
 
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0")
-    sources = ["csrc/bindings.cpp", "csrc/runtime.cpp", "csrc/arena.cpp"] + sorted(glob.glob("csrc/kernels/*.cu"))
+    sources = ["csrc/bindings.cpp", "csrc/runtime.cpp", "csrc/arena.cpp"] + sorted(
+        glob.glob("csrc/kernels/*.cu")
+    )
     include_dirs = [os.path.join(ROOT, "csrc"), *pip_cuda_include_dirs()]
     cxx_flags = ["-O3", "-std=c++17", "-Wno-unused-function"]
-    nvcc_flags = ["-O3", "-std=c++17", "-Xptxas=-v" if os.environ.get("DEEPEP_MEGATRON_PTXAS_VERBOSE") else "-lineinfo"]
+    nvcc_flags = [
+        "-O3",
+        "-std=c++17",
+        "-Xptxas=-v" if os.environ.get("DEEPEP_MEGATRON_PTXAS_VERBOSE") else "-lineinfo",
+    ]
     define_macros = []
     nvshmem = find_nvshmem()
     if nvshmem is not None:
@@ -89,7 +101,9 @@ def extension_modules():
         define_macros=define_macros,
         extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
     )
-    return [extension], {"build_ext": BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)}
+    return [extension], {
+        "build_ext": BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)
+    }
 
 
 ext_modules, cmdclass = extension_modules()

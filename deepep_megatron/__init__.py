@@ -13,4 +13,12 @@ from deepep_megatron.validation import topk_idx_t
 
 __version__ = "0.1.0"
 
-__all__ = ["Buffer", "Config", "DispatchHandle", "EventOverlap", "LowLatencyHandle", "topk_idx_t", "__version__"]
+__all__ = [
+    "Buffer",
+    "Config",
+    "DispatchHandle",
+    "EventOverlap",
+    "LowLatencyHandle",
+    "topk_idx_t",
+    "__version__",
+]

@@ -102,7 +102,9 @@ def _run(buffer, x, topk_idx, topk_weights, num_experts, alignment, num_worst_to
 
     expert_out = (rows.float() * (dist.get_rank() + 1) * 0.5).to(torch.bfloat16)
     bias = (torch.ones_like(x) * 0.25, x)
-    combined, combined_w, _ = buffer.combine(expert_out, handle, topk_weights=recv_w, bias=bias, config=config)
+    combined, combined_w, _ = buffer.combine(
+        expert_out, handle, topk_weights=recv_w, bias=bias, config=config
+    )
     cached = buffer.dispatch(payload, handle=handle, config=config)[0]
     return dict(
         layout=[t.cpu() if t is not None else None for t in layout[:4]],
@@ -159,14 +161,19 @@ def check_timeout(absent_rank: int):
 
     os.environ["DEEPEP_MEGATRON_TIMEOUT_S"] = "3"
     rank, num_ranks = dist.get_rank(), dist.get_world_size()
-    buffer = Buffer(dist.group.WORLD, num_nvl_bytes=Config(num_max_tokens_per_rank=64).get_nvl_buffer_size_hint(512, num_ranks))
+    buffer = Buffer(
+        dist.group.WORLD,
+        num_nvl_bytes=Config(num_max_tokens_per_rank=64).get_nvl_buffer_size_hint(512, num_ranks),
+    )
     x, topk_idx, _ = _inputs(7, rank, 64, 256, 8 * num_ranks, 4, "random")
     if rank == absent_rank:
         return "absent"
     layout = buffer.get_dispatch_layout(topk_idx, 8 * num_ranks)
     start = time.monotonic()
     with pytest.raises(TimeoutError) as error:
-        buffer.dispatch(x, num_tokens_per_rank=layout[0], is_token_in_rank=layout[3], num_tokens_per_expert=layout[2])
+        buffer.dispatch(
+            x, num_tokens_per_rank=layout[0], is_token_in_rank=layout[3], num_tokens_per_expert=layout[2]
+        )
     elapsed = time.monotonic() - start
     assert elapsed < 15, elapsed
     message = str(error.value)
@@ -189,7 +196,10 @@ def _soak_iteration(buffer, iteration: int, choice: list[int], max_tokens: int, 
     topk_idx = torch.rand((num_tokens, num_experts), device="cuda").topk(6, dim=1).indices
     layout = buffer.get_dispatch_layout(topk_idx, num_experts)
     recv_x, _, _, _, handle, _ = buffer.dispatch(
-        x, num_tokens_per_rank=layout[0], is_token_in_rank=layout[3], num_tokens_per_expert=layout[2],
+        x,
+        num_tokens_per_rank=layout[0],
+        is_token_in_rank=layout[3],
+        num_tokens_per_expert=layout[2],
         config=Config(8 + choice[2] % 9),
     )
     combined = buffer.combine(recv_x, handle)[0]
@@ -198,7 +208,9 @@ def _soak_iteration(buffer, iteration: int, choice: list[int], max_tokens: int, 
     expected = (x.float() * reached).to(torch.bfloat16)
     if not torch.equal(combined, expected):
         bad = (combined != expected).any(1).nonzero().flatten()[:5].tolist()
-        raise AssertionError(f"rank {rank} iteration {iteration} (N={num_tokens}, H={hidden}): tokens {bad} differ")
+        raise AssertionError(
+            f"rank {rank} iteration {iteration} (N={num_tokens}, H={hidden}): tokens {bad} differ"
+        )
     sent = int(layout[0].sum())
     assert sent == int(handle.num_tokens_matrix[rank].sum()), f"iteration {iteration}: count matrix row"
 
@@ -246,8 +258,18 @@ def soak(seed: int, iterations: int):
 def test_compiled_matches_portable(gpu_pools, num_ranks, case, hidden, fp8, num_worst):
     pool = gpu_pools(num_ranks)
     num_tokens = 128 if hidden >= 4096 else 300
-    received = pool.run(check_against_portable, 11 + num_ranks, num_tokens, hidden, 8 * num_ranks, 8 if num_ranks > 1 else 4,
-                        case, fp8, num_worst, max(1, min(16, 128 // num_ranks)))
+    received = pool.run(
+        check_against_portable,
+        11 + num_ranks,
+        num_tokens,
+        hidden,
+        8 * num_ranks,
+        8 if num_ranks > 1 else 4,
+        case,
+        fp8,
+        num_worst,
+        max(1, min(16, 128 // num_ranks)),
+    )
     assert len(received) == num_ranks
 
 

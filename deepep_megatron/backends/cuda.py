@@ -84,15 +84,26 @@ class CudaBackend:
         return max_tokens_per_rank(self.num_nvl_bytes, hidden_bytes, num_scales, self.num_ranks)
 
     def get_dispatch_layout(self, topk_idx: torch.Tensor, num_experts: int) -> DispatchLayout:
-        num_tokens_per_rank, num_tokens_per_expert, is_token_in_rank = self.runtime.layout(topk_idx, num_experts)
+        num_tokens_per_rank, num_tokens_per_expert, is_token_in_rank = self.runtime.layout(
+            topk_idx, num_experts
+        )
         return DispatchLayout(num_tokens_per_rank, None, num_tokens_per_expert, is_token_in_rank)
 
     def dispatch(self, request: DispatchRequest) -> DispatchResult:
         handle = request.handle
         if handle is None:
             outputs = self.runtime.dispatch(
-                request.x, request.scales, request.topk_idx, request.topk_weights, request.is_token_in_rank,
-                request.num_tokens_per_expert, None, None, 0, request.num_worst_tokens, request.expert_alignment,
+                request.x,
+                request.scales,
+                request.topk_idx,
+                request.topk_weights,
+                request.is_token_in_rank,
+                request.num_tokens_per_expert,
+                None,
+                None,
+                0,
+                request.num_worst_tokens,
+                request.expert_alignment,
                 request.num_sms,
             )
             self._note_copy_out(outputs)
@@ -114,8 +125,18 @@ class CudaBackend:
                 outputs.recv_x, outputs.recv_scales, outputs.recv_topk_idx, outputs.recv_topk_weights, handle
             )
         outputs = self.runtime.dispatch(
-            request.x, request.scales, None, None, None, None, handle.num_tokens_matrix, handle.send_slot,
-            handle.num_recv_rows, handle.backend_state, 1, request.num_sms,
+            request.x,
+            request.scales,
+            None,
+            None,
+            None,
+            None,
+            handle.num_tokens_matrix,
+            handle.send_slot,
+            handle.num_recv_rows,
+            handle.backend_state,
+            1,
+            request.num_sms,
         )
         self._note_copy_out(outputs)
         return DispatchResult(outputs.recv_x, outputs.recv_scales, None, None, handle)
@@ -129,7 +150,8 @@ class CudaBackend:
             warnings.warn(
                 f"deepep_megatron: a dispatch output did not fit the zero-copy arena "
                 f"({self.runtime.arena_bytes_in_use} bytes held by live outputs) and was copied out of "
-                "staging, which costs a second pass; raise Buffer(num_arena_bytes=...) or free outputs sooner",
+                "staging, which costs a second pass; raise Buffer(num_arena_bytes=...) or free outputs "
+                "sooner",
                 stacklevel=4,
             )
 
@@ -137,7 +159,14 @@ class CudaBackend:
         bias0 = biases[0] if len(biases) > 0 else None
         bias1 = biases[1] if len(biases) > 1 else None
         return self.runtime.combine(
-            x, topk_weights, bias0, bias1, handle.send_slot, handle.num_tokens_matrix, handle.num_tokens, num_sms
+            x,
+            topk_weights,
+            bias0,
+            bias1,
+            handle.send_slot,
+            handle.num_tokens_matrix,
+            handle.num_tokens,
+            num_sms,
         )
 
     def check_health(self) -> None:

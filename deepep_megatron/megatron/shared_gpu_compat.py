@@ -32,7 +32,9 @@ def _coalescing_manager_for(original):
                 yield cm
             return
         if async_ops:
-            raise RuntimeError("gloo on CUDA: set overlap_grad_reduce=False (the reductions must be synchronous)")
+            raise RuntimeError(
+                "gloo on CUDA: set overlap_grad_reduce=False (the reductions must be synchronous)"
+            )
         yield _Finished()
 
     return manager

@@ -43,7 +43,9 @@ def _worker(rank: int, world_size: int, port: int, conn, backend: str, device: s
 
     torch.set_num_threads(1)
     if device == "cuda":
-        torch.cuda.set_device(0 if env.get("DEEPEP_MEGATRON_SHARE_GPU") == "1" else rank % torch.cuda.device_count())
+        torch.cuda.set_device(
+            0 if env.get("DEEPEP_MEGATRON_SHARE_GPU") == "1" else rank % torch.cuda.device_count()
+        )
     dist.init_process_group(backend, rank=rank, world_size=world_size, init_method=f"tcp://127.0.0.1:{port}")
     conn.send(("ready", None))
     while True:
@@ -61,8 +63,14 @@ def _worker(rank: int, world_size: int, port: int, conn, backend: str, device: s
 class RankPool:
     """`world_size` processes, each in one process group (gloo by default)."""
 
-    def __init__(self, world_size: int, backend: str = "gloo", device: str = "cpu", env: dict | None = None,
-                 start_timeout: float = 120.0):
+    def __init__(
+        self,
+        world_size: int,
+        backend: str = "gloo",
+        device: str = "cpu",
+        env: dict | None = None,
+        start_timeout: float = 120.0,
+    ):
         self.world_size = world_size
         self.device = device
         ctx = mp.get_context("spawn")
@@ -71,7 +79,9 @@ class RankPool:
         for rank in range(world_size):
             parent, child = ctx.Pipe()
             proc = ctx.Process(
-                target=_worker, args=(rank, world_size, port, child, backend, device, dict(env or {})), daemon=True
+                target=_worker,
+                args=(rank, world_size, port, child, backend, device, dict(env or {})),
+                daemon=True,
             )
             proc.start()
             self._conns.append(parent)
