@@ -31,16 +31,28 @@ def _require(condition: bool, message: str, error: type[Exception] = ValueError)
         raise error(message)
 
 
-def check_tensor(name: str, tensor: torch.Tensor, *, dtype: torch.dtype, ndim: int, device: torch.device) -> None:
-    _require(isinstance(tensor, torch.Tensor), f"{name} must be a torch.Tensor, got {type(tensor).__name__}", TypeError)
+def check_tensor(
+    name: str, tensor: torch.Tensor, *, dtype: torch.dtype, ndim: int, device: torch.device | None
+) -> None:
+    """Type, dtype, rank and device (`None`: any device) of one tensor argument."""
+    _require(
+        isinstance(tensor, torch.Tensor),
+        f"{name} must be a torch.Tensor, got {type(tensor).__name__}",
+        TypeError,
+    )
     _require(tensor.dtype == dtype, f"{name} must be {dtype}, got {tensor.dtype}", TypeError)
     _require(tensor.dim() == ndim, f"{name} must be {ndim}-D, got shape {tuple(tensor.shape)}")
-    _require(tensor.device == device, f"{name} is on {tensor.device}, expected {device}", TypeError)
+    if device is not None:
+        _require(
+            tensor.device == device, f"{name} is on device {tensor.device}, expected {device}", TypeError
+        )
 
 
-def check_topk_idx(topk_idx: torch.Tensor, num_experts: int, num_ranks: int) -> None:
-    """`topk_idx`: `[N, K]` int64, entries in [-1, num_experts)."""
-    check_tensor("topk_idx", topk_idx, dtype=topk_idx_t, ndim=2, device=topk_idx.device)
+def check_topk_idx(
+    topk_idx: torch.Tensor, num_experts: int, num_ranks: int, device: torch.device | None = None
+) -> None:
+    """`topk_idx`: `[N, K]` int64, entries in [-1, num_experts), on `device` (if given)."""
+    check_tensor("topk_idx", topk_idx, dtype=topk_idx_t, ndim=2, device=device)
     _require(num_experts > 0, f"num_experts must be positive, got {num_experts}")
     _require(
         num_experts % num_ranks == 0,
@@ -73,20 +85,31 @@ def split_payload(x) -> tuple[torch.Tensor, torch.Tensor | None]:
     if isinstance(x, (tuple, list)):
         _require(len(x) == 2, f"x as a tuple must be (x_fp8, scales), got {len(x)} items")
         payload, scales = x
-        check_tensor("x[0]", payload, dtype=FP8_DTYPE, ndim=2, device=payload.device)
+        check_tensor("x[0]", payload, dtype=FP8_DTYPE, ndim=2, device=None)
         _require(
             payload.size(1) % FP8_BLOCK == 0,
             f"FP8 dispatch needs a hidden size divisible by {FP8_BLOCK}, got {payload.size(1)}",
         )
         _require(isinstance(scales, torch.Tensor), "x[1] (scales) must be a tensor", TypeError)
-        _require(scales.dtype == torch.float32, f"x[1] (scales) must be float32, got {scales.dtype}", TypeError)
+        _require(
+            scales.dtype == torch.float32, f"x[1] (scales) must be float32, got {scales.dtype}", TypeError
+        )
         expected = (payload.size(0), payload.size(1) // FP8_BLOCK)
-        _require(tuple(scales.shape) == expected, f"x[1] (scales) must have shape {expected}, got {tuple(scales.shape)}")
+        _require(
+            tuple(scales.shape) == expected,
+            f"x[1] (scales) must have shape {expected}, got {tuple(scales.shape)}",
+        )
         _require(scales.device == payload.device, "x[0] and x[1] must be on one device", TypeError)
         return payload, scales
-    _require(isinstance(x, torch.Tensor), f"x must be a tensor or an (x_fp8, scales) tuple, got {type(x).__name__}", TypeError)
+    _require(
+        isinstance(x, torch.Tensor),
+        f"x must be a tensor or an (x_fp8, scales) tuple, got {type(x).__name__}",
+        TypeError,
+    )
     check_tensor("x", x, dtype=torch.bfloat16, ndim=2, device=x.device)
-    _require(x.size(1) > 0 and x.size(1) % 2 == 0, f"BF16 dispatch needs an even hidden size, got {x.size(1)}")
+    _require(
+        x.size(1) > 0 and x.size(1) % 2 == 0, f"BF16 dispatch needs an even hidden size, got {x.size(1)}"
+    )
     return x, None
 
 
@@ -101,7 +124,9 @@ def check_layout_inputs(
 ) -> None:
     """The outputs of `get_dispatch_layout` as passed to a fresh (non-cached) dispatch."""
     _require(
-        num_tokens_per_rank is not None and is_token_in_rank is not None and num_tokens_per_expert is not None,
+        num_tokens_per_rank is not None
+        and is_token_in_rank is not None
+        and num_tokens_per_expert is not None,
         "a dispatch without a handle needs num_tokens_per_rank, is_token_in_rank and num_tokens_per_expert "
         "(from get_dispatch_layout)",
     )
@@ -115,10 +140,26 @@ def check_layout_inputs(
     check_tensor("num_tokens_per_expert", num_tokens_per_expert, dtype=torch.int32, ndim=1, device=device)
     _require(
         num_tokens_per_expert.numel() % num_ranks == 0,
-        f"num_tokens_per_expert has {num_tokens_per_expert.numel()} entries, not a multiple of {num_ranks} ranks",
+        f"num_tokens_per_expert has {num_tokens_per_expert.numel()} entries, "
+        f"not a multiple of {num_ranks} ranks",
     )
     if num_experts is not None:
-        _require(num_tokens_per_expert.numel() == num_experts, "num_tokens_per_expert must have one entry per expert")
+        _require(
+            num_tokens_per_expert.numel() == num_experts,
+            "num_tokens_per_expert must have one entry per expert",
+        )
+
+
+def check_recv_stats(stats: torch.Tensor | None, num_local_experts: int, device: torch.device) -> None:
+    """`cumulative_local_expert_recv_stats`: None or `[E_local]` int32 on `device`."""
+    if stats is None:
+        return
+    check_tensor("cumulative_local_expert_recv_stats", stats, dtype=torch.int32, ndim=1, device=device)
+    _require(
+        stats.numel() == num_local_experts,
+        f"cumulative_local_expert_recv_stats must have {num_local_experts} entries (one per local expert), "
+        f"got {stats.numel()}",
+    )
 
 
 def check_expert_alignment(expert_alignment: int) -> None:

@@ -92,7 +92,9 @@ class PortableBackend:
         if self.num_ranks_per_node < self.num_ranks:
             per_node = is_token_in_rank.view(num_tokens, -1, self.num_ranks_per_node).any(-1)
             num_tokens_per_rdma_rank = per_node.sum(0, dtype=torch.int32)
-        return DispatchLayout(num_tokens_per_rank, num_tokens_per_rdma_rank, num_tokens_per_expert, is_token_in_rank)
+        return DispatchLayout(
+            num_tokens_per_rank, num_tokens_per_rdma_rank, num_tokens_per_expert, is_token_in_rank
+        )
 
     # ------------------------------------------------------------------ normal dispatch
     def dispatch(self, request: DispatchRequest) -> DispatchResult:
@@ -121,17 +123,23 @@ class PortableBackend:
         recv_x = self._exchange(x.index_select(0, token_of_row), send_counts, recv_counts)
         recv_scales = None
         if request.scales is not None:
-            recv_scales = self._exchange(request.scales.index_select(0, token_of_row), send_counts, recv_counts)
+            recv_scales = self._exchange(
+                request.scales.index_select(0, token_of_row), send_counts, recv_counts
+            )
         recv_src_idx = self._exchange(token_of_row.int().unsqueeze(1), send_counts, recv_counts).view(-1)
 
         recv_topk_idx = recv_topk_weights = None
         if request.topk_idx is not None:
-            global_idx = self._exchange(request.topk_idx.index_select(0, token_of_row), send_counts, recv_counts)
+            global_idx = self._exchange(
+                request.topk_idx.index_select(0, token_of_row), send_counts, recv_counts
+            )
             local_idx = global_idx - rank * experts_per_rank
             is_local = (global_idx >= 0) & (local_idx >= 0) & (local_idx < experts_per_rank)
             recv_topk_idx = torch.where(is_local, local_idx, torch.full_like(local_idx, -1))
             if request.topk_weights is not None:
-                weights = self._exchange(request.topk_weights.index_select(0, token_of_row), send_counts, recv_counts)
+                weights = self._exchange(
+                    request.topk_weights.index_select(0, token_of_row), send_counts, recv_counts
+                )
                 recv_topk_weights = torch.where(is_local, weights, torch.zeros_like(weights))
 
         per_expert = recv_meta[:, 1:].sum(0).tolist()
@@ -141,7 +149,8 @@ class PortableBackend:
         if request.num_worst_tokens > 0:
             if num_recv > request.num_worst_tokens:
                 raise RuntimeError(
-                    f"rank {rank} received {num_recv} tokens, more than num_worst_tokens={request.num_worst_tokens}"
+                    f"rank {rank} received {num_recv} tokens, "
+                    f"more than num_worst_tokens={request.num_worst_tokens}"
                 )
             num_rows = request.num_worst_tokens
             recv_x = _pad_rows(recv_x, num_rows, 0)
@@ -175,7 +184,9 @@ class PortableBackend:
     def _cached_dispatch(self, request: DispatchRequest) -> DispatchResult:
         handle = request.handle
         state: _PortableState = handle.backend_state
-        recv_x = self._exchange(request.x.index_select(0, state.token_of_row), state.send_counts, state.recv_counts)
+        recv_x = self._exchange(
+            request.x.index_select(0, state.token_of_row), state.send_counts, state.recv_counts
+        )
         recv_scales = None
         if request.scales is not None:
             recv_scales = self._exchange(
@@ -214,10 +225,18 @@ class PortableBackend:
 
     # ------------------------------------------------------------------ low latency
     def low_latency_dispatch(
-        self, x, topk_idx, num_max_dispatch_tokens_per_rank, num_experts, use_fp8, round_scale, use_ue8m0,
-        buffer_index, return_recv_hook,
+        self,
+        x,
+        topk_idx,
+        num_max_dispatch_tokens_per_rank,
+        num_experts,
+        use_fp8,
+        round_scale,
+        use_ue8m0,
+        buffer_index,
+        return_recv_hook,
     ) -> LowLatencyDispatchResult:
-        rank, num_ranks, device = self.rank, self.num_ranks, x.device
+        num_ranks, device = self.num_ranks, x.device
         num_tokens, hidden = x.shape
         experts_per_rank = num_experts // num_ranks
         capacity = num_ranks * num_max_dispatch_tokens_per_rank
@@ -239,7 +258,9 @@ class PortableBackend:
         else:
             payloads = [x.index_select(0, token_of_msg)]
         header = torch.stack([expert_of_msg % experts_per_rank, token_of_msg], dim=1).int()
-        pending = [self._exchange(t, send_counts_list, recv_counts_list, async_op=True) for t in [header, *payloads]]
+        pending = [
+            self._exchange(t, send_counts_list, recv_counts_list, async_op=True) for t in [header, *payloads]
+        ]
 
         recv_x = torch.empty((experts_per_rank, capacity, hidden), dtype=payloads[0].dtype, device=device)
         recv_scales = None
@@ -285,7 +306,9 @@ class PortableBackend:
             pair_begin = torch.cumsum(pair_counts, 1) - pair_counts
             recv_layout_range.copy_((pair_begin << 32) | pair_counts)
 
-        state = _LowLatencyState(token_of_msg, k_of_msg, send_counts_list, recv_counts_list)
+        state = _LowLatencyState(
+            token_of_msg, k_of_msg, send_counts_list, recv_counts_list, tuple(topk_idx.shape)
+        )
         handle = LowLatencyHandle(
             recv_src_info=recv_src_info,
             recv_layout_range=recv_layout_range,
@@ -307,11 +330,24 @@ class PortableBackend:
         accumulated in fp32 in top-k order."""
         state: _LowLatencyState = handle.backend_state
         num_tokens, num_topk = topk_idx.shape
+        if (num_tokens, num_topk) != state.topk_shape:
+            raise ValueError(
+                f"low_latency_combine: topk_idx has shape {(num_tokens, num_topk)} (tokens, top-k), "
+                f"the dispatch had {state.topk_shape}"
+            )
+        if state.arrival_expert is None:
+            raise RuntimeError(
+                "low_latency_combine: the dispatch has not received yet; call its hook() first"
+            )
         hidden = x.size(-1)
         # Expert side: every packed row goes back to its source in the order it arrived.
         back_send = x[state.arrival_expert, state.arrival_slot]
         pending = self._exchange(back_send, state.recv_counts, state.send_counts, async_op=True)
-        result = out if out is not None else torch.empty((num_tokens, hidden), dtype=torch.bfloat16, device=x.device)
+        result = (
+            out
+            if out is not None
+            else torch.empty((num_tokens, hidden), dtype=torch.bfloat16, device=x.device)
+        )
 
         def finish() -> None:
             back = pending[1]()
@@ -344,10 +380,19 @@ class _LowLatencyState:
     """Sender side: which (token, top-k slot) each sent message was. Receiver side, filled when
     the receive completes: the packed (local expert, slot) of each arrived message."""
 
-    __slots__ = ("token_of_msg", "k_of_msg", "send_counts", "recv_counts", "arrival_expert", "arrival_slot")
+    __slots__ = (
+        "token_of_msg",
+        "k_of_msg",
+        "send_counts",
+        "recv_counts",
+        "topk_shape",
+        "arrival_expert",
+        "arrival_slot",
+    )
 
-    def __init__(self, token_of_msg, k_of_msg, send_counts, recv_counts):
+    def __init__(self, token_of_msg, k_of_msg, send_counts, recv_counts, topk_shape):
         self.token_of_msg = token_of_msg
+        self.topk_shape = topk_shape
         self.k_of_msg = k_of_msg
         self.send_counts = send_counts
         self.recv_counts = recv_counts
@@ -364,7 +409,9 @@ def _pad_rows(tensor: torch.Tensor | None, num_rows: int, value) -> torch.Tensor
 
 
 def _poison(tensor: torch.Tensor) -> None:
-    if tensor.dtype.is_floating_point and tensor.element_size() >= 2:
+    """Fill with NaN (floats, incl. e4m3) or 0x7F bytes (packed UE8M0 int32 scales). `fill_`
+    rather than a byte view, because column-major scales cannot be viewed as bytes."""
+    if tensor.dtype.is_floating_point:
         tensor.fill_(float("nan"))
     else:
-        tensor.view(torch.uint8).fill_(0x7F)
+        tensor.fill_(int.from_bytes(b"\x7f" * tensor.element_size(), "little"))

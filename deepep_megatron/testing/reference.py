@@ -73,7 +73,10 @@ def reference_dispatch(all_inputs: list[RankInputs], rank: int, num_experts: int
             src_rank.append(src)
             src_token.append(token)
             rows.append(inputs.x[token])
-            local = [e - rank * experts_per_rank if e >= 0 and e // experts_per_rank == rank else -1 for e in experts]
+            local = [
+                e - rank * experts_per_rank if e >= 0 and e // experts_per_rank == rank else -1
+                for e in experts
+            ]
             ids.append(local)
             weights.append([float(w) if l >= 0 else 0.0 for w, l in zip(inputs.topk_weights[token], local)])
     hidden = all_inputs[0].x.size(1)
@@ -92,19 +95,140 @@ def reference_combine(
     num_experts: int,
     rows_of_rank,
     biases: tuple[torch.Tensor, ...] = (),
+    out_dtype: torch.dtype = torch.bfloat16,
 ) -> torch.Tensor:
-    """Combine for `rank`: `rows_of_rank(dst)` gives the `[M_dst, H]` tensor rank `dst` sends
-    back (in its received order). Sum per token in fp32, ranks ascending, then biases."""
+    """Combine for `rank`: `rows_of_rank(dst)` gives the `[M_dst, C]` tensor rank `dst` sends
+    back (in its received order; rows past the received count are ignored). Sum per token in
+    fp32, ranks ascending, then biases, then one cast to `out_dtype`."""
     num_ranks = len(all_inputs)
-    inputs = all_inputs[rank]
-    num_tokens, hidden = inputs.x.shape
-    out = torch.zeros((num_tokens, hidden), dtype=torch.float32)
+    num_tokens = all_inputs[rank].x.size(0)
+    out = None
     for dst in range(num_ranks):
         received = reference_dispatch(all_inputs, dst, num_experts)
         rows = rows_of_rank(dst)
+        if out is None:
+            out = torch.zeros((num_tokens, rows.size(1)), dtype=torch.float32)
         for row, (src, token) in enumerate(zip(received.src_rank, received.src_token)):
             if src == rank:
                 out[token] += rows[row].float()
     for bias in biases:
         out += bias.float()
+    return out.to(out_dtype)
+
+
+@dataclass
+class ReferenceLayout:
+    """`get_dispatch_layout` for one rank, counted token by token."""
+
+    num_tokens_per_rank: torch.Tensor  # [R] int32
+    num_tokens_per_rdma_rank: torch.Tensor | None  # [R / ranks_per_node] int32, None within a node
+    num_tokens_per_expert: torch.Tensor  # [E] int32
+    is_token_in_rank: torch.Tensor  # [N, R] bool
+
+
+def reference_layout(
+    topk_idx: torch.Tensor, num_experts: int, num_ranks: int, num_ranks_per_node: int | None = None
+):
+    experts_per_rank = num_experts // num_ranks
+    num_ranks_per_node = num_ranks_per_node or num_ranks
+    num_tokens = topk_idx.size(0)
+    per_rank = [0] * num_ranks
+    per_node = [0] * (num_ranks // num_ranks_per_node)
+    per_expert = [0] * num_experts
+    in_rank = [[False] * num_ranks for _ in range(num_tokens)]
+    for token in range(num_tokens):
+        ranks, nodes = set(), set()
+        for e in (int(v) for v in topk_idx[token]):
+            if e < 0:
+                continue
+            per_expert[e] += 1
+            ranks.add(e // experts_per_rank)
+            nodes.add(e // experts_per_rank // num_ranks_per_node)
+        for r in ranks:
+            per_rank[r] += 1
+            in_rank[token][r] = True
+        for n in nodes:
+            per_node[n] += 1
+    rdma = torch.tensor(per_node, dtype=torch.int32) if num_ranks_per_node < num_ranks else None
+    return ReferenceLayout(
+        torch.tensor(per_rank, dtype=torch.int32),
+        rdma,
+        torch.tensor(per_expert, dtype=torch.int32),
+        torch.tensor(in_rank, dtype=torch.bool).reshape(num_tokens, num_ranks),
+    )
+
+
+def make_rows(seed: int, rank: int, num_rows: int, hidden: int) -> torch.Tensor:
+    """Deterministic `[num_rows, hidden]` bf16 rows (e.g. the expert output rank `rank` feeds
+    to combine), so every rank can rebuild what any other rank sends.
+
+    About half of the values are N(0, 1); the others are +-1 or +-2**24. With these, an fp32 sum
+    of three or more values shows the order of addition even after rounding to bf16:
+    `(2**24 + 1) - 2**24 == 0` but `(2**24 - 2**24) + 1 == 1`. So a reduction that adds in
+    another order than the documented one does not match the reference bit for bit."""
+    generator = torch.Generator().manual_seed(seed * 1000 + 500 + rank)
+    shape = (num_rows, hidden)
+    normal = torch.randn(shape, generator=generator)
+    magnitude = torch.where(torch.rand(shape, generator=generator) < 0.5, 1.0, 2.0**24)
+    sign = torch.where(torch.rand(shape, generator=generator) < 0.5, -1.0, 1.0)
+    special = torch.rand(shape, generator=generator) < 0.5
+    return torch.where(special, sign * magnitude, normal).to(torch.bfloat16)
+
+
+@dataclass
+class ReferenceLowLatencyDispatch:
+    """What one rank's local experts receive in low-latency mode. For local expert `j`, slot `i`
+    holds token `src_token[j][i]` of rank `src_rank[j][i]`: ordered by source rank, then token."""
+
+    src_rank: list[list[int]]
+    src_token: list[list[int]]
+    recv_count: list[int]
+    layout_range: list[list[tuple[int, int]]]  # [j][src] = (begin, count)
+
+
+def reference_low_latency_dispatch(all_inputs: list[RankInputs], rank: int, num_experts: int):
+    num_ranks = len(all_inputs)
+    experts_per_rank = num_experts // num_ranks
+    src_rank, src_token, layout_range = [], [], []
+    for local in range(experts_per_rank):
+        expert = rank * experts_per_rank + local
+        ranks, tokens, ranges = [], [], []
+        for src, inputs in enumerate(all_inputs):
+            begin = len(tokens)
+            for token in range(inputs.topk_idx.size(0)):
+                if expert in [int(e) for e in inputs.topk_idx[token]]:
+                    ranks.append(src)
+                    tokens.append(token)
+            ranges.append((begin, len(tokens) - begin))
+        src_rank.append(ranks)
+        src_token.append(tokens)
+        layout_range.append(ranges)
+    return ReferenceLowLatencyDispatch(src_rank, src_token, [len(t) for t in src_token], layout_range)
+
+
+def reference_low_latency_combine(
+    all_inputs: list[RankInputs], rank: int, num_experts: int, expert_rows_of_rank
+) -> torch.Tensor:
+    """Low-latency combine for `rank`: `expert_rows_of_rank(dst)` is the `[E_local, R * max, H]`
+    tensor rank `dst` sends back. For each token, fp32 sum over its top-k slots in order of
+    `weight * row` (slots with id -1 skipped), then one cast to bf16."""
+    num_ranks = len(all_inputs)
+    experts_per_rank = num_experts // num_ranks
+    inputs = all_inputs[rank]
+    received = [reference_low_latency_dispatch(all_inputs, dst, num_experts) for dst in range(num_ranks)]
+    rows = [expert_rows_of_rank(dst) for dst in range(num_ranks)]
+    num_tokens = inputs.topk_idx.size(0)
+    hidden = rows[0].size(-1)
+    out = torch.zeros((num_tokens, hidden), dtype=torch.float32)
+    for token in range(num_tokens):
+        acc = torch.zeros(hidden, dtype=torch.float32)
+        for k in range(inputs.topk_idx.size(1)):
+            expert = int(inputs.topk_idx[token, k])
+            if expert < 0:
+                continue
+            dst, local = expert // experts_per_rank, expert % experts_per_rank
+            pairs = list(zip(received[dst].src_rank[local], received[dst].src_token[local]))
+            slot = pairs.index((rank, token))
+            acc = acc + inputs.topk_weights[token, k] * rows[dst][local, slot].float()
+        out[token] = acc
     return out.to(torch.bfloat16)
