@@ -17,7 +17,13 @@ import torch.distributed as dist
 from deepep_megatron import validation as check
 from deepep_megatron.backends.base import DispatchRequest
 from deepep_megatron.backends.portable import PortableBackend
-from deepep_megatron.config import Config, align_up, get_combine_config, get_dispatch_config, max_tokens_per_rank
+from deepep_megatron.config import (
+    Config,
+    align_up,
+    get_combine_config,
+    get_dispatch_config,
+    max_tokens_per_rank,
+)
 from deepep_megatron.event import EventOverlap
 from deepep_megatron.handle import DispatchHandle, LowLatencyHandle
 
@@ -83,7 +89,8 @@ class Buffer:
             raise ValueError("num_nvl_bytes and num_rdma_bytes must be non-negative")
         if self.group_size % self.num_ranks_per_node != 0:
             raise ValueError(
-                f"group size {self.group_size} is not a multiple of num_ranks_per_node={self.num_ranks_per_node}"
+                f"group size {self.group_size} is not a multiple of "
+                f"num_ranks_per_node={self.num_ranks_per_node}"
             )
         self.num_arena_bytes = num_arena_bytes
         self.backend_preference = (backend or os.environ.get(BACKEND_ENV, "auto")).lower()
@@ -106,7 +113,9 @@ class Buffer:
         reason = cuda_backend.unavailable_reason(self.group_size, self.num_ranks_per_node, self.num_nvl_bytes)
         if reason is not None:
             if self.backend_preference == "cuda":
-                raise RuntimeError(f"backend='cuda' requested but the compiled backend cannot serve: {reason}")
+                raise RuntimeError(
+                    f"backend='cuda' requested but the compiled backend cannot serve: {reason}"
+                )
             return None
         return cuda_backend.CudaBackend(self.group, self.num_nvl_bytes, self.num_arena_bytes)
 
@@ -205,7 +214,9 @@ class Buffer:
 
     # ------------------------------------------------------------------ streams
     @contextmanager
-    def _on_comm_stream(self, device: torch.device, previous_event: EventOverlap | None, async_finish: bool, outputs: list):
+    def _on_comm_stream(
+        self, device: torch.device, previous_event: EventOverlap | None, async_finish: bool, outputs: list
+    ):
         """Run the body on the communication stream after `previous_event` (or the current
         stream), then either make the current stream wait or hand back an event.
 
@@ -335,7 +346,13 @@ class Buffer:
             self._check_cached_dispatch(handle, payload, topk_idx, topk_weights)
         else:
             check.check_layout_inputs(
-                num_tokens, self.group_size, None, device, num_tokens_per_rank, is_token_in_rank, num_tokens_per_expert
+                num_tokens,
+                self.group_size,
+                None,
+                device,
+                num_tokens_per_rank,
+                is_token_in_rank,
+                num_tokens_per_expert,
             )
             if topk_idx is not None:
                 check.check_topk_idx(topk_idx, num_tokens_per_expert.numel(), self.group_size, device)
@@ -373,20 +390,29 @@ class Buffer:
 
     def _check_cached_dispatch(self, handle, payload, topk_idx, topk_weights) -> None:
         if not isinstance(handle, DispatchHandle):
-            raise TypeError(f"handle must be a DispatchHandle from Buffer.dispatch, got {type(handle).__name__}")
+            raise TypeError(
+                f"handle must be a DispatchHandle from Buffer.dispatch, got {type(handle).__name__}"
+            )
         if topk_idx is not None or topk_weights is not None:
             raise ValueError("a cached dispatch (handle given) takes no topk_idx / topk_weights")
         if payload.size(0) != handle.num_tokens:
-            raise ValueError(f"cached dispatch: x has {payload.size(0)} rows, the handle was made for {handle.num_tokens}")
+            raise ValueError(
+                f"cached dispatch: x has {payload.size(0)} rows, the handle was made for {handle.num_tokens}"
+            )
         if payload.device != handle.is_token_in_rank.device:
-            raise TypeError(f"cached dispatch: x is on device {payload.device}, the handle on {handle.is_token_in_rank.device}")
+            raise TypeError(
+                f"cached dispatch: x is on device {payload.device}, "
+                f"the handle on {handle.is_token_in_rank.device}"
+            )
 
     def _check_capacity(self, backend, num_tokens: int, payload, scales, topk_idx) -> None:
         """The same limit on every backend: what `num_nvl_bytes` holds (no limit when it is 0)."""
         if self.num_nvl_bytes <= 0:
             return
         hidden_bytes = payload.size(1) * payload.element_size()
-        limit = max_tokens_per_rank(self.num_nvl_bytes, hidden_bytes, 0 if scales is None else scales.size(1), self.group_size)
+        limit = max_tokens_per_rank(
+            self.num_nvl_bytes, hidden_bytes, 0 if scales is None else scales.size(1), self.group_size
+        )
         if num_tokens > limit:
             raise ValueError(
                 f"{num_tokens} tokens exceed what this Buffer holds for hidden={payload.size(1)} "
@@ -420,14 +446,20 @@ class Buffer:
         """
         self._check_alive()
         if not isinstance(handle, DispatchHandle):
-            raise TypeError(f"handle must be a DispatchHandle from Buffer.dispatch, got {type(handle).__name__}")
+            raise TypeError(
+                f"handle must be a DispatchHandle from Buffer.dispatch, got {type(handle).__name__}"
+            )
         check.check_tensor("x", x, dtype=torch.bfloat16, ndim=2, device=handle.is_token_in_rank.device)
         if tuple(x.shape) != (handle.num_recv_rows, handle.hidden):
-            raise ValueError(f"combine x must have shape {(handle.num_recv_rows, handle.hidden)}, got {tuple(x.shape)}")
+            raise ValueError(
+                f"combine x must have shape {(handle.num_recv_rows, handle.hidden)}, got {tuple(x.shape)}"
+            )
         if topk_weights is not None:
             check.check_tensor("topk_weights", topk_weights, dtype=torch.float32, ndim=2, device=x.device)
             if topk_weights.size(0) != handle.num_recv_rows:
-                raise ValueError(f"topk_weights must have {handle.num_recv_rows} rows, got {topk_weights.size(0)}")
+                raise ValueError(
+                    f"topk_weights must have {handle.num_recv_rows} rows, got {topk_weights.size(0)}"
+                )
         biases = check.normalize_bias(bias, handle.num_tokens, handle.hidden, x.device)
         backend = self._backend_for(x.device, handle)
         num_sms = (config or get_combine_config(self.group_size)).num_sms
@@ -440,14 +472,19 @@ class Buffer:
         return combined_x, combined_weights, outputs[-1]
 
     # ------------------------------------------------------------------ low latency
-    def _check_low_latency(self, num_max_dispatch_tokens_per_rank: int, hidden: int, num_experts: int) -> None:
+    def _check_low_latency(
+        self, num_max_dispatch_tokens_per_rank: int, hidden: int, num_experts: int
+    ) -> None:
         if not self.low_latency_mode:
             raise RuntimeError("low-latency calls need Buffer(..., low_latency_mode=True)")
-        needed = self.get_low_latency_rdma_size_hint(num_max_dispatch_tokens_per_rank, hidden, self.group_size, num_experts)
+        needed = self.get_low_latency_rdma_size_hint(
+            num_max_dispatch_tokens_per_rank, hidden, self.group_size, num_experts
+        )
         if self.num_rdma_bytes < needed:
             raise ValueError(
-                f"num_rdma_bytes={self.num_rdma_bytes} is too small for {num_max_dispatch_tokens_per_rank} tokens, "
-                f"hidden={hidden}, {num_experts} experts: need {needed} (Buffer.get_low_latency_rdma_size_hint)"
+                f"num_rdma_bytes={self.num_rdma_bytes} is too small for "
+                f"{num_max_dispatch_tokens_per_rank} tokens, hidden={hidden}, {num_experts} experts: "
+                f"need {needed} (Buffer.get_low_latency_rdma_size_hint)"
             )
 
     def low_latency_dispatch(
@@ -490,7 +527,10 @@ class Buffer:
         if topk_idx.size(0) != x.size(0):
             raise ValueError(f"topk_idx has {topk_idx.size(0)} rows but x has {x.size(0)}")
         if x.size(0) > num_max_dispatch_tokens_per_rank:
-            raise ValueError(f"{x.size(0)} tokens exceed num_max_dispatch_tokens_per_rank={num_max_dispatch_tokens_per_rank}")
+            raise ValueError(
+                f"{x.size(0)} tokens exceed "
+                f"num_max_dispatch_tokens_per_rank={num_max_dispatch_tokens_per_rank}"
+            )
         if use_fp8 and x.size(1) % 128 != 0:
             raise ValueError(f"FP8 low-latency dispatch needs hidden % 128 == 0, got {x.size(1)}")
         if use_ue8m0 and not use_fp8:
@@ -502,8 +542,15 @@ class Buffer:
         outputs: list = []
         with self._on_comm_stream(x.device, None, async_finish, outputs):
             result = self._portable.low_latency_dispatch(
-                x, topk_idx, num_max_dispatch_tokens_per_rank, num_experts, use_fp8, round_scale, use_ue8m0,
-                buffer_index, return_recv_hook,
+                x,
+                topk_idx,
+                num_max_dispatch_tokens_per_rank,
+                num_experts,
+                use_fp8,
+                round_scale,
+                use_ue8m0,
+                buffer_index,
+                return_recv_hook,
             )
             outputs += [result.recv_x, result.recv_scales, result.recv_count]
         finish = result.finish
@@ -552,7 +599,9 @@ class Buffer:
             self._low_latency_combine_buffers[index] = buffer
         return buffer
 
-    def clean_low_latency_buffer(self, num_max_dispatch_tokens_per_rank: int, hidden: int, num_experts: int) -> None:
+    def clean_low_latency_buffer(
+        self, num_max_dispatch_tokens_per_rank: int, hidden: int, num_experts: int
+    ) -> None:
         """Reset the low-latency buffers (needed by DeepEP after a mode switch; a no-op here
         apart from zeroing the zero-copy combine buffers)."""
         self._check_low_latency(num_max_dispatch_tokens_per_rank, hidden, num_experts)
@@ -590,7 +639,11 @@ class Buffer:
         if not isinstance(handle, LowLatencyHandle):
             raise TypeError("handle must be the LowLatencyHandle from low_latency_dispatch")
         experts_per_rank = handle.num_experts // self.group_size
-        expected = (experts_per_rank, self.group_size * handle.num_max_dispatch_tokens_per_rank, handle.hidden)
+        expected = (
+            experts_per_rank,
+            self.group_size * handle.num_max_dispatch_tokens_per_rank,
+            handle.hidden,
+        )
         check.check_tensor("x", x, dtype=torch.bfloat16, ndim=3, device=handle.recv_count.device)
         if tuple(x.shape) != expected:
             raise ValueError(f"low_latency_combine x must have shape {expected}, got {tuple(x.shape)}")
@@ -605,6 +658,8 @@ class Buffer:
 
         outputs: list = []
         with self._on_comm_stream(x.device, None, async_finish, outputs):
-            combined, finish = self._portable.low_latency_combine(x, topk_idx, topk_weights, handle, out, return_recv_hook)
+            combined, finish = self._portable.low_latency_combine(
+                x, topk_idx, topk_weights, handle, out, return_recv_hook
+            )
             outputs.append(combined)
         return combined, outputs[-1], self._wrap_hook(finish, x.device)
