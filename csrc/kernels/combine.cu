@@ -128,17 +128,6 @@ __device__ void reduce_tokens(const CombineParams& p, const Sources& src) {
     }
 }
 
-// Steps D and E.
-__device__ void release_and_wait(const CombineParams& p, int epoch) {
-    __syncthreads();  // every load of this block has returned its value
-    if (threadIdx.x < p.num_ranks) {
-        auto* peer_signals = reinterpret_cast<SignalArea*>(p.peers.base[threadIdx.x]);
-        store_release_system(&peer_signals->combine_done[p.wait.rank][blockIdx.x], epoch);
-        const int peer = threadIdx.x;
-        wait_epoch(&p.wait.local_signals->combine_done[peer][blockIdx.x], epoch, p.wait, kPhaseCombineDone, peer);
-    }
-}
-
 template <typename Vec>
 __global__ void __launch_bounds__(kCombineThreads, 1) combine_kernel(CombineParams p) {
     __shared__ Sources src;
@@ -147,7 +136,8 @@ __global__ void __launch_bounds__(kCombineThreads, 1) combine_kernel(CombinePara
     publish_inputs(p, epoch);
     if (learn_sources(p, epoch, src, ok)) {
         reduce_tokens<Vec>(p, src);
-        release_and_wait(p, epoch);
+        // Steps D, E: every load of this block has returned its value once the block joins.
+        handshake_with_peers(&SignalArea::combine_done, p.peers, p.num_ranks, epoch, p.wait, kPhaseCombineDone);
     }
     finish_operation(p.wait.local_signals);
 }

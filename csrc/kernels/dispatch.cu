@@ -142,18 +142,6 @@ __device__ void send_tokens(const DispatchParams& p, const Destinations& dst) {
     }
 }
 
-// Steps D and E.
-__device__ void signal_and_wait(const DispatchParams& p, int epoch) {
-    fence_system();
-    __syncthreads();
-    if (threadIdx.x < p.num_ranks) {
-        auto* peer_signals = reinterpret_cast<SignalArea*>(p.peers.base[threadIdx.x]);
-        store_release_system(&peer_signals->dispatch_done[p.wait.rank][blockIdx.x], epoch);
-        const int src = threadIdx.x;
-        wait_epoch(&p.wait.local_signals->dispatch_done[src][blockIdx.x], epoch, p.wait, kPhaseDispatchData, src);
-    }
-}
-
 template <typename Vec>
 __global__ void __launch_bounds__(kDispatchThreads, 1) dispatch_kernel(DispatchParams p) {
     __shared__ Destinations dst;
@@ -162,7 +150,8 @@ __global__ void __launch_bounds__(kDispatchThreads, 1) dispatch_kernel(DispatchP
     publish_receive_block(p, epoch);
     if (learn_destinations(p, epoch, dst, ok)) {
         send_tokens<Vec>(p, dst);
-        signal_and_wait(p, epoch);
+        fence_system();  // this block's rows are visible before its completion flag (steps D, E)
+        handshake_with_peers(&SignalArea::dispatch_done, p.peers, p.num_ranks, epoch, p.wait, kPhaseDispatchData);
     }
     finish_operation(p.wait.local_signals);
 }

@@ -102,6 +102,22 @@ __device__ __forceinline__ bool wait_offset(const unsigned long long* slot, int 
     }
 }
 
+// Block-level handshake with every peer: this block tells each peer that its part of the phase
+// (`flags` selects the phase's [src][block] flag array) is done, then waits until the same block
+// of every peer has said so. Callers make their own stores visible first (fence_system).
+using BlockFlags = int (SignalArea::*)[kMaxRanks][kMaxBlocks];
+
+__device__ __forceinline__ void handshake_with_peers(BlockFlags flags, const PeerRegions& peers, int num_ranks,
+                                                     int epoch, const WaitContext& ctx, int phase) {
+    __syncthreads();
+    if (threadIdx.x < num_ranks) {
+        const int peer = threadIdx.x;
+        auto* peer_signals = reinterpret_cast<SignalArea*>(peers.base[peer]);
+        store_release_system(&(peer_signals->*flags)[ctx.rank][blockIdx.x], epoch);
+        wait_epoch(&(ctx.local_signals->*flags)[peer][blockIdx.x], epoch, ctx, phase, peer);
+    }
+}
+
 // The epoch of the operation now running: one past the last completed one.
 __device__ __forceinline__ int current_epoch(const SignalArea* signals) {
     return *reinterpret_cast<const volatile int*>(&signals->epoch) + 1;
