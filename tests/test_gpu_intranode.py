@@ -242,7 +242,7 @@ def soak(seed: int, iterations: int):
 
 
 # ----------------------------------------------------------------------------- tests
-@pytest.mark.parametrize("num_ranks", [2, 3, 4, 8])
+@pytest.mark.parametrize("num_ranks", [1, 2, 3, 4, 8])
 @pytest.mark.parametrize(
     "case,hidden,fp8,num_worst",
     [
@@ -271,6 +271,13 @@ def test_compiled_matches_portable(gpu_pools, num_ranks, case, hidden, fp8, num_
         max(1, min(16, 128 // num_ranks)),
     )
     assert len(received) == num_ranks
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+def test_compiled_matches_portable_topk16(gpu_pools, fp8):
+    """The widest top-k the kernels take, with masked slots."""
+    pool = gpu_pools(4)
+    pool.run(check_against_portable, 99, 200, 384, 64, 16, "masked", fp8, 0, 12)
 
 
 def test_absent_rank_times_out(gpu_pools):
