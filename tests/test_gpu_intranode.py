@@ -7,6 +7,7 @@ against plain references on the CPU). Skipped without CUDA or without the built 
 
 from __future__ import annotations
 
+import gc
 import os
 import time
 
@@ -227,15 +228,17 @@ def soak(seed: int, iterations: int):
     hint = Config(num_max_tokens_per_rank=max_tokens).get_nvl_buffer_size_hint(2048 * 2, num_ranks)
     buffer = Buffer(dist.group.WORLD, num_nvl_bytes=hint)
     generator = torch.Generator().manual_seed(seed)  # same on every rank: same shapes and SMs
+    gc.collect()  # leftovers of earlier tests in this process must not move the baseline
     memory = []
     for iteration in range(iterations):
         choice = torch.randint(0, 1 << 30, (3,), generator=generator).tolist()
         _soak_iteration(buffer, iteration, choice, max_tokens, num_experts)
         if iteration % 100 == 99:
+            gc.collect()
             torch.cuda.synchronize()
             memory.append(torch.cuda.memory_allocated())
     arena_in_use = buffer._compiled.runtime.arena_bytes_in_use
-    assert max(memory) == min(memory), f"device memory changed across iterations: {memory}"
+    assert max(memory) <= memory[0], f"device memory grew across iterations: {memory}"
     assert arena_in_use == 0, f"{arena_in_use} arena bytes still in use"
     assert buffer._compiled.num_copied_out == 0, "outputs were copied out although the arena had room"
     return memory[-1]
