@@ -8,6 +8,7 @@ be turned off with `DEEPEP_MEGATRON_CHECK_VALUES=0`, and are skipped inside CUDA
 from __future__ import annotations
 
 import os
+import weakref
 
 import torch
 
@@ -59,12 +60,43 @@ def check_topk_idx(
         f"num_experts ({num_experts}) must be divisible by the number of ranks ({num_ranks})",
     )
     _require(0 < topk_idx.size(1) <= MAX_TOPK, f"top-k must be in [1, {MAX_TOPK}], got {topk_idx.size(1)}")
-    if topk_idx.numel() and value_checks_enabled(topk_idx.device):
-        low, high = int(topk_idx.min()), int(topk_idx.max())
+    if (
+        topk_idx.numel()
+        and value_checks_enabled(topk_idx.device)
+        and not _checked_before(topk_idx, num_experts)
+    ):
+        # One reduction and one device-to-host copy (a single host sync on CUDA) for both bounds.
+        low, high = torch.stack(torch.aminmax(topk_idx)).tolist()
         _require(
             low >= -1 and high < num_experts,
             f"topk_idx has expert ids in [{low}, {high}]; valid ids are -1 (none) and 0..{num_experts - 1}",
         )
+        _remember_checked(topk_idx, num_experts)
+
+
+# The last topk_idx whose values passed the check: `get_dispatch_layout` and the `dispatch` that
+# follows it check the same, unmodified tensor, and the second check would cost another host sync.
+# A tensor counts as the same only if it is the same object, unchanged since (same version counter,
+# storage and shape), and was checked against the same number of experts.
+_last_checked: tuple | None = None
+
+
+def _identity(topk_idx: torch.Tensor, num_experts: int) -> tuple | None:
+    if topk_idx.is_inference():  # no version counter to tell whether it changed
+        return None
+    return (topk_idx._version, topk_idx.data_ptr(), tuple(topk_idx.stride()), topk_idx.shape, num_experts)
+
+
+def _checked_before(topk_idx: torch.Tensor, num_experts: int) -> bool:
+    if _last_checked is None:
+        return False
+    ref, identity = _last_checked
+    return ref() is topk_idx and identity is not None and identity == _identity(topk_idx, num_experts)
+
+
+def _remember_checked(topk_idx: torch.Tensor, num_experts: int) -> None:
+    global _last_checked
+    _last_checked = (weakref.ref(topk_idx), _identity(topk_idx, num_experts))
 
 
 def check_topk_weights(topk_weights: torch.Tensor, topk_idx: torch.Tensor) -> None:

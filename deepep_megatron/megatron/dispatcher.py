@@ -238,8 +238,11 @@ def _sum_slots(x: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
     once, so it is deterministic on every device (unlike ``index_add_`` with CUDA atomics)."""
     padded = torch.cat([x, x.new_zeros((1, x.size(1)))])
     out = torch.zeros((slots.size(0), x.size(1)), dtype=torch.float32, device=x.device)
-    for k in range(slots.size(1)):
-        out += padded.index_select(0, slots[:, k]).float()
+    # One contiguous index row per slot (a column of ``slots`` would be copied by every
+    # index_select); the in-place add promotes each gathered row to fp32 exactly, as ``.float()``
+    # would, without a separate cast kernel and temporary.
+    for index in slots.t().contiguous():
+        out += padded.index_select(0, index)
     return out.to(x.dtype)
 
 
@@ -301,7 +304,8 @@ def expert_major_order(recv_topk_idx: torch.Tensor, num_local_experts: int, tota
     num_rows, k = recv_topk_idx.shape
     flat = recv_topk_idx.reshape(-1)
     rows = torch.arange(num_rows, device=flat.device).repeat_interleave(k)
-    key = torch.where(flat >= 0, flat * num_rows + rows, torch.full_like(flat, num_local_experts * num_rows))
+    # Empty slots (-1) sort after every pair (key >= num_local_experts * num_rows) and are cut off.
+    key = torch.where(flat >= 0, flat, num_local_experts) * num_rows + rows
     positions = torch.argsort(key, stable=True)[:total]
     slots = torch.full((num_rows * k,), total, dtype=torch.long, device=flat.device)
     slots[positions] = torch.arange(total, device=flat.device)
