@@ -368,7 +368,7 @@ class Buffer:
             request.topk_idx = topk_idx
             request.topk_weights = topk_weights
         backend = self._backend_for(device, handle)
-        self._check_capacity(backend, num_tokens, payload, scales, topk_idx)
+        self._check_capacity(num_tokens, payload, scales, num_worst_tokens)
 
         self._protect_inputs(async_finish, device, payload, scales, topk_idx, topk_weights)
         outputs: list = []
@@ -405,8 +405,10 @@ class Buffer:
                 f"the handle on {handle.is_token_in_rank.device}"
             )
 
-    def _check_capacity(self, backend, num_tokens: int, payload, scales, topk_idx) -> None:
-        """The same limit on every backend: what `num_nvl_bytes` holds (no limit when it is 0)."""
+    def _check_capacity(self, num_tokens: int, payload, scales, num_worst_tokens: int) -> None:
+        """The same limit on every backend: what `num_nvl_bytes` holds (no limit when it is 0).
+        A rank receives at most `group_size` times the per-rank limit, so that also bounds the
+        rows a `num_worst_tokens` dispatch asks for."""
         if self.num_nvl_bytes <= 0:
             return
         hidden_bytes = payload.size(1) * payload.element_size()
@@ -418,6 +420,11 @@ class Buffer:
                 f"{num_tokens} tokens exceed what this Buffer holds for hidden={payload.size(1)} "
                 f"({limit} tokens per rank with num_nvl_bytes={self.num_nvl_bytes}); "
                 "size it with Config.get_nvl_buffer_size_hint"
+            )
+        if num_worst_tokens > limit * self.group_size:
+            raise ValueError(
+                f"num_worst_tokens={num_worst_tokens} exceeds the {limit * self.group_size} rows this "
+                f"Buffer can receive for hidden={payload.size(1)} (num_nvl_bytes={self.num_nvl_bytes})"
             )
 
     # ------------------------------------------------------------------ combine

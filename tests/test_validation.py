@@ -618,6 +618,18 @@ def _capacity_case(sized_tokens: int, hidden: int, use_fp8: bool):
     )[4]
     with no_communication(), pytest.raises(ValueError, match="num_nvl_bytes"):
         buffer.dispatch(x, handle=handle)
+    # A worst-case size past what the receive area holds: refused before any communication too.
+    inputs = make_rank_inputs(46, rank, limit, hidden, num_experts, 2)
+    per_rank, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(inputs.topk_idx, num_experts)
+    x = per_token_cast_to_fp8(inputs.x) if use_fp8 else inputs.x
+    with no_communication(), pytest.raises(ValueError, match="num_worst_tokens"):
+        buffer.dispatch(
+            x,
+            num_tokens_per_rank=per_rank,
+            is_token_in_rank=in_rank,
+            num_tokens_per_expert=per_expert,
+            num_worst_tokens=limit * num_ranks + 1,
+        )
     return limit
 
 
