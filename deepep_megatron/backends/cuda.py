@@ -14,7 +14,6 @@ import torch
 import torch.distributed as dist
 
 from deepep_megatron.backends.base import DispatchLayout, DispatchRequest, DispatchResult
-from deepep_megatron.config import max_tokens_per_rank
 from deepep_megatron.handle import DispatchHandle
 
 try:
@@ -63,8 +62,7 @@ class CudaBackend:
         # while the next dispatch lands); past that, outputs are copied out of staging.
         if num_arena_bytes is None:
             num_arena_bytes = int(os.environ.get(ARENA_ENV, str(2 * num_nvl_bytes)))
-        arena_bytes = num_arena_bytes
-        self.runtime = _C.IntranodeRuntime(self.rank, self.num_ranks, num_nvl_bytes, arena_bytes, timeout)
+        self.runtime = _C.IntranodeRuntime(self.rank, self.num_ranks, num_nvl_bytes, num_arena_bytes, timeout)
         handles: list = [None] * self.num_ranks
         dist.all_gather_object(handles, self.runtime.ipc_handle(), group=group)
         self.runtime.open_peers(handles)
@@ -79,9 +77,6 @@ class CudaBackend:
             torch.cuda.synchronize()
             dist.barrier(group=self.group)
         self.runtime.destroy()
-
-    def max_tokens_per_rank(self, hidden_bytes: int, num_scales: int) -> int:
-        return max_tokens_per_rank(self.num_nvl_bytes, hidden_bytes, num_scales, self.num_ranks)
 
     def get_dispatch_layout(self, topk_idx: torch.Tensor, num_experts: int) -> DispatchLayout:
         num_tokens_per_rank, num_tokens_per_expert, is_token_in_rank = self.runtime.layout(
