@@ -17,17 +17,16 @@ import torch.distributed as dist
 from deepep_megatron import validation as check
 from deepep_megatron.backends.base import DispatchRequest
 from deepep_megatron.backends.portable import PortableBackend
-from deepep_megatron.config import (
-    Config,
-    align_up,
-    get_combine_config,
-    get_dispatch_config,
-    max_tokens_per_rank,
-)
+from deepep_megatron.config import Config, align_up, max_tokens_per_rank
 from deepep_megatron.event import EventOverlap
 from deepep_megatron.handle import DispatchHandle, LowLatencyHandle
 
 BACKEND_ENV = "DEEPEP_MEGATRON_BACKEND"  # "auto" (default), "portable" or "cuda"
+
+
+def _check_num_ranks(num_ranks: int) -> None:
+    if num_ranks <= 0:
+        raise ValueError(f"num_ranks must be positive, got {num_ranks}")
 
 
 class Buffer:
@@ -143,11 +142,16 @@ class Buffer:
 
     @staticmethod
     def get_dispatch_config(num_ranks: int) -> Config:
-        return get_dispatch_config(num_ranks)
+        """Recommended dispatch config for any rank count (DeepEP only has a table for some):
+        the SM count of `set_num_sms`. Direct placement needs no per-rank-count chunk tuning."""
+        _check_num_ranks(num_ranks)
+        return Config(Buffer.num_sms)
 
     @staticmethod
     def get_combine_config(num_ranks: int) -> Config:
-        return get_combine_config(num_ranks)
+        """Recommended combine config for any rank count (see `get_dispatch_config`)."""
+        _check_num_ranks(num_ranks)
+        return Config(Buffer.num_sms)
 
     @staticmethod
     def get_low_latency_rdma_size_hint(
@@ -340,7 +344,7 @@ class Buffer:
             handle=handle,
             expert_alignment=expert_alignment,
             num_worst_tokens=num_worst_tokens,
-            num_sms=(config or get_dispatch_config(self.group_size)).num_sms,
+            num_sms=(config or Buffer.get_dispatch_config(self.group_size)).num_sms,
         )
         if handle is not None:
             self._check_cached_dispatch(handle, payload, topk_idx, topk_weights)
@@ -469,7 +473,7 @@ class Buffer:
                 )
         biases = check.normalize_bias(bias, handle.num_tokens, handle.hidden, x.device)
         backend = self._backend_for(x.device, handle)
-        num_sms = (config or get_combine_config(self.group_size)).num_sms
+        num_sms = (config or Buffer.get_combine_config(self.group_size)).num_sms
 
         self._protect_inputs(async_finish, x.device, x, topk_weights, *biases)
         outputs: list = []

@@ -114,23 +114,3 @@ class Config:
     def get_rdma_buffer_size_hint(self, hidden_bytes: int, num_ranks: int) -> int:
         """Bytes for `Buffer(num_rdma_bytes=...)`. Intranode groups need none."""
         return 0
-
-
-def _default_num_sms() -> int:
-    from deepep_megatron.buffer import Buffer  # the class attribute set by Buffer.set_num_sms
-
-    return Buffer.num_sms
-
-
-def get_dispatch_config(num_ranks: int) -> Config:
-    """Recommended dispatch config for any rank count (DeepEP only has a table for some)."""
-    if num_ranks <= 0:
-        raise ValueError(f"num_ranks must be positive, got {num_ranks}")
-    return Config(_default_num_sms())
-
-
-def get_combine_config(num_ranks: int) -> Config:
-    """Recommended combine config for any rank count."""
-    if num_ranks <= 0:
-        raise ValueError(f"num_ranks must be positive, got {num_ranks}")
-    return Config(_default_num_sms())
