@@ -17,9 +17,15 @@ Contents: :class:`DeepEPTokenDispatcher` (megatron-core's ``MoETokenDispatcher``
 """
 
 from deepep_megatron.megatron.dispatcher import DeepEPTokenDispatcher, release_buffers
-from deepep_megatron.megatron.install import DISPATCHER_TYPE, install, installed, uninstall
+from deepep_megatron.megatron.install import install, installed, uninstall
 from deepep_megatron.megatron.metrics import METRICS, collect
-from deepep_megatron.megatron.options import DeepEPOptions, add_deepep_args, configure, resolve_options
+from deepep_megatron.megatron.options import (
+    DISPATCHER_TYPE,
+    DeepEPOptions,
+    add_deepep_args,
+    configure,
+    resolve_options,
+)
 
 __all__ = [
     "DISPATCHER_TYPE",

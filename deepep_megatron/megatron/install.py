@@ -34,7 +34,7 @@ from __future__ import annotations
 import inspect
 import typing
 
-DISPATCHER_TYPE = "deepep"
+from deepep_megatron.megatron.options import DISPATCHER_TYPE, add_deepep_args
 
 _patches: list[tuple[object, str, object, bool]] = []  # (owner, attribute, original, was_present)
 _building_deepep_layer = 0
@@ -143,7 +143,6 @@ def _patch_arguments() -> bool:
         from megatron.training import arguments
     except Exception:  # megatron.training is optional (megatron-core alone works)
         return False
-    from deepep_megatron.megatron.options import add_deepep_args
 
     original = arguments.add_megatron_arguments
 

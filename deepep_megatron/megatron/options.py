@@ -17,6 +17,9 @@ from dataclasses import dataclass, fields, replace
 
 import torch
 
+# The value of --moe-token-dispatcher-type that selects DeepEPTokenDispatcher.
+DISPATCHER_TYPE = "deepep"
+
 _FLAG_PREFIX = "deepep_"
 
 
@@ -110,8 +113,6 @@ def add_deepep_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     ``--deepep-max-tokens-per-rank N``, ``--deepep-backend {auto,portable,cuda}``,
     ``--no-deepep-timing``.
     """
-    from deepep_megatron.megatron.install import DISPATCHER_TYPE
-
     for action in parser._actions:
         choices = action.choices
         if (
