@@ -126,6 +126,17 @@ def _row_bytes(hidden: int, fp8: bool) -> float:
 # ---------------------------------------------------------------------------- autograd
 
 
+def _timed_on_comm_stream(buffer, layer, kind: str, handle, call):
+    """Run one BF16 communication call of the layout `handle` on the Buffer's stream, ordered
+    after the current stream (`call(previous_event)`), make the current stream wait for it, and
+    record its time and bytes. Returns the call's outputs without the trailing event."""
+    with METRICS.time(layer, kind, handle.is_token_in_rank.device) as timer:
+        *outputs, event = call(buffer.capture())
+        event.current_stream_wait()
+        timer.num_bytes = handle.num_recv_rows * _row_bytes(handle.hidden, False)
+    return outputs
+
+
 class _Dispatch(torch.autograd.Function):
     """Forward: (FP8 cast +) layout + dispatch. Backward: combine of the gradients."""
 
@@ -182,17 +193,20 @@ class _Dispatch(torch.autograd.Function):
             grad_recv_probs = torch.zeros(recv_idx.shape, dtype=torch.float32, device=recv_idx.device)
         # Only the entries of this rank's experts are functions of topk_probs.
         grad_weights = grad_recv_probs.float().masked_fill(recv_idx < 0, 0.0).contiguous()
-        with METRICS.time(ctx.layer, "combine_bwd", grad_recv_x.device) as timer:
-            grad_x, grad_probs, event = buffer.combine(
+        grad_x, grad_probs = _timed_on_comm_stream(
+            buffer,
+            ctx.layer,
+            "combine_bwd",
+            handle,
+            lambda previous: buffer.combine(
                 grad_recv_x.to(WIRE_DTYPE).contiguous(),
                 handle,
                 topk_weights=grad_weights,
-                previous_event=buffer.capture(),
+                previous_event=previous,
                 async_finish=True,
                 allocate_on_comm_stream=True,
-            )
-            event.current_stream_wait()
-            timer.num_bytes = handle.num_recv_rows * _row_bytes(handle.hidden, False)
+            ),
+        )
         ctx.handle = ctx.buffer = ctx.recv_idx = None
         return grad_x.to(ctx.x_dtype), grad_probs.to(ctx.probs_dtype), None, None, None, None, None, None
 
@@ -202,32 +216,38 @@ class _Combine(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, buffer, handle, layer):
-        with METRICS.time(layer, "combine", x.device) as timer:
-            combined, _, event = buffer.combine(
+        combined, _ = _timed_on_comm_stream(
+            buffer,
+            layer,
+            "combine",
+            handle,
+            lambda previous: buffer.combine(
                 x.to(WIRE_DTYPE).contiguous(),
                 handle,
-                previous_event=buffer.capture(),
+                previous_event=previous,
                 async_finish=True,
                 allocate_on_comm_stream=True,
-            )
-            event.current_stream_wait()
-            timer.num_bytes = handle.num_recv_rows * _row_bytes(handle.hidden, False)
+            ),
+        )
         ctx.buffer, ctx.handle, ctx.layer, ctx.x_dtype = buffer, handle, layer, x.dtype
         return combined.to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad_out):
         handle, buffer = ctx.handle, ctx.buffer
-        with METRICS.time(ctx.layer, "dispatch_bwd", grad_out.device) as timer:
-            grad_x, _, _, _, _, event = buffer.dispatch(
+        grad_x, *_ = _timed_on_comm_stream(
+            buffer,
+            ctx.layer,
+            "dispatch_bwd",
+            handle,
+            lambda previous: buffer.dispatch(
                 grad_out.to(WIRE_DTYPE).contiguous(),
                 handle=handle,
-                previous_event=buffer.capture(),
+                previous_event=previous,
                 async_finish=True,
                 allocate_on_comm_stream=True,
-            )
-            event.current_stream_wait()
-            timer.num_bytes = handle.num_recv_rows * _row_bytes(handle.hidden, False)
+            ),
+        )
         ctx.handle = ctx.buffer = None
         return grad_x.to(ctx.x_dtype), None, None, None
 
