@@ -90,7 +90,7 @@ class OpCounter(TorchDispatchMode):
 
 def build(dispatcher: str, fp8: bool):
     from deepep_megatron.megatron import configure
-    from deepep_megatron.megatron import testing as T
+    from deepep_megatron.testing import megatron as T
 
     T.setup(1)
     configure()
@@ -110,7 +110,7 @@ def step(layer, x, dy) -> None:
 
 def profile(dispatcher: str, args) -> dict:
     from deepep_megatron.megatron import METRICS
-    from deepep_megatron.megatron import testing as T
+    from deepep_megatron.testing import megatron as T
 
     layer, config = build(dispatcher, args.fp8)
     seq = args.tokens // 2

@@ -11,7 +11,7 @@ import torch
 
 pytest.importorskip("megatron.core")
 
-from deepep_megatron.megatron import testing as mt  # noqa: E402
+from deepep_megatron.testing import megatron as mt  # noqa: E402
 
 pytestmark = pytest.mark.megatron
 

@@ -131,7 +131,7 @@ def build_model(args, config, device):
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec, get_gpt_mtp_block_spec
 
-    from deepep_megatron.megatron.attention import use_sdpa_core_attention
+    from sdpa_attention import use_sdpa_core_attention
 
     use_te = bool(HAVE_TE) and device.type == "cuda"
     spec = get_gpt_decoder_block_spec(config, use_transformer_engine=use_te, normalization=args.normalization)
@@ -337,7 +337,7 @@ def main(argv: list[str] | None = None) -> dict:
     if not use_cuda:
         cpu_compat.enable()
     elif backend == "gloo":
-        from deepep_megatron.megatron import shared_gpu_compat
+        import shared_gpu_compat
 
         shared_gpu_compat.enable()  # DDP's coalesced gradient all-reduce, one bucket at a time
     dm.configure(
