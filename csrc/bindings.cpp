@@ -10,7 +10,10 @@ using deepep_megatron::IntranodeRuntime;
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.doc() = "deepep_megatron compiled intranode kernels";
     py::register_exception<deepep_megatron::DeviceTimeout>(m, "DeviceTimeout", PyExc_TimeoutError);
-    m.attr("MAX_RANKS") = deepep_megatron::kMaxRanks;
+    m.attr("MAX_RANKS_PER_NODE") = deepep_megatron::kMaxRanks;
+    m.attr("MAX_TOPK") = deepep_megatron::kMaxTopk;
+    m.attr("FP8_BLOCK_SIZE") = 128;
+    m.attr("REGION_ALIGNMENT") = deepep_megatron::kRegionAlignment;
     m.attr("MAX_BLOCKS") = deepep_megatron::kMaxBlocks;
     m.attr("MAX_LOCAL_EXPERTS") = deepep_megatron::kMaxLocalExperts;
     m.attr("SIGNAL_AREA_BYTES") = deepep_megatron::kSignalAreaBytes;

@@ -321,7 +321,8 @@ def run_normal_case(spec: dict) -> dict:
     calls["combine_bf16"] = partial(buffer.combine, recv_x, handle, config=config)
     times = {op: _time_calls(fn, spec["warmup"], spec["iters"]) for op, fn in calls.items()}
 
-    result = {"rank": rank, "backend": handle.backend, "recv_rows": int(recv_x.size(0)), "times_s": times}
+    recv_rows = int(recv_x.size(0))
+    result = {"rank": rank, "backend": handle.backend.name, "recv_rows": recv_rows, "times_s": times}
     if spec["nccl_baseline"]:
         result["nccl_baseline"] = _nccl_baseline(spec, is_token_in_rank, recv_x.size(0))
     return result
@@ -431,9 +432,7 @@ def run_low_latency_case(spec: dict) -> dict:
             combine_times.append(time.perf_counter() - resume)
     return {
         "rank": rank,
-        # Buffer sends low-latency calls to its portable backend today; a handle that names its
-        # backend (as DispatchHandle does) takes precedence.
-        "backend": getattr(handle, "backend", None) or "portable",
+        "backend": handle.backend.name,
         "num_selections": int((topk_idx >= 0).sum()),
         "times_s": {"low_latency_dispatch_fp8": dispatch_times, "low_latency_combine_bf16": combine_times},
     }

@@ -8,25 +8,55 @@ torch.distributed backend. Both give the same results in the same order.
 from __future__ import annotations
 
 import os
+import socket
+import warnings
 from collections.abc import Callable
 from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
 
+from deepep_megatron import limits
 from deepep_megatron import validation as check
-from deepep_megatron.backends.base import DispatchRequest
-from deepep_megatron.backends.portable import PortableBackend
+from deepep_megatron.backends.protocols import (
+    BufferSizes,
+    CombineRequest,
+    DispatchRequest,
+    LayoutRequest,
+    LowLatencyCombineRequest,
+    LowLatencyDispatchRequest,
+    Topology,
+)
+from deepep_megatron.backends.selection import BackendRouter
 from deepep_megatron.config import Config, align_up, max_tokens_per_rank
 from deepep_megatron.event import EventOverlap
 from deepep_megatron.handle import DispatchHandle, LowLatencyHandle
 
 BACKEND_ENV = "DEEPEP_MEGATRON_BACKEND"  # "auto" (default), "portable" or "cuda"
+MPS_THREAD_PERCENTAGE_ENV = "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"
 
 
 def _check_num_ranks(num_ranks: int) -> None:
     if num_ranks <= 0:
         raise ValueError(f"num_ranks must be positive, got {num_ranks}")
+
+
+def _probe_topology(group: dist.ProcessGroup, num_ranks: int, num_ranks_per_node: int) -> Topology:
+    """The group's topology, with how many of its ranks share this rank's GPU (ranks under MPS on
+    one GPU see the same device UUID on the same host) and that GPU's SM count."""
+    num_sms = ranks_per_gpu = 0
+    gpu_id = None
+    if torch.cuda.is_available():
+        properties = torch.cuda.get_device_properties(torch.cuda.current_device())
+        num_sms = properties.multi_processor_count
+        gpu_id = (socket.gethostname(), str(properties.uuid))
+    if num_ranks > 1 and gpu_id is not None:
+        gpu_ids: list = [None] * num_ranks
+        dist.all_gather_object(gpu_ids, gpu_id, group=group)
+        ranks_per_gpu = sum(other == gpu_id for other in gpu_ids)
+    # With MPS thread percentages set, each rank already sees only its share of the SMs.
+    shared_sms = not os.environ.get(MPS_THREAD_PERCENTAGE_ENV)
+    return Topology(num_ranks, num_ranks_per_node, max(1, ranks_per_gpu), num_sms, shared_sms)
 
 
 class Buffer:
@@ -93,44 +123,44 @@ class Buffer:
             )
         self.num_arena_bytes = num_arena_bytes
         self.backend_preference = (backend or os.environ.get(BACKEND_ENV, "auto")).lower()
-        if self.backend_preference not in ("auto", "portable", "cuda"):
-            raise ValueError(f"backend must be 'auto', 'portable' or 'cuda', got {self.backend_preference!r}")
 
-        self._portable = PortableBackend(group, self.num_ranks_per_node)
-        self._compiled = self._create_compiled_backend()
+        self.topology = _probe_topology(group, self.group_size, self.num_ranks_per_node)
+        sizes = BufferSizes(self.num_nvl_bytes, self.num_rdma_bytes, low_latency_mode, num_arena_bytes)
+        self._router = BackendRouter(group, self.topology, sizes, self.backend_preference)
         self._comm_stream = torch.cuda.Stream() if torch.cuda.is_available() else None
-        self._low_latency_buffer_index = 0
-        self._low_latency_combine_buffers: dict[int, torch.Tensor] = {}
+        self._warned_sm_clamp = False
         self._destroyed = False
-
-    # ------------------------------------------------------------------ backends
-    def _create_compiled_backend(self):
-        if self.backend_preference == "portable":
-            return None
-        from deepep_megatron.backends import cuda as cuda_backend
-
-        reason = cuda_backend.unavailable_reason(self.group_size, self.num_ranks_per_node, self.num_nvl_bytes)
-        if reason is not None:
-            if self.backend_preference == "cuda":
-                raise RuntimeError(
-                    f"backend='cuda' requested but the compiled backend cannot serve: {reason}"
-                )
-            return None
-        return cuda_backend.CudaBackend(self.group, self.num_nvl_bytes, self.num_arena_bytes)
-
-    def _backend_for(self, device: torch.device, handle: DispatchHandle | None = None):
-        if handle is not None:
-            return self._compiled if handle.backend == "cuda" else self._portable
-        if device.type == "cuda" and self._compiled is not None:
-            return self._compiled
-        if self.backend_preference == "cuda":
-            raise RuntimeError(f"backend='cuda' requested but tensors are on {device}")
-        return self._portable
 
     @property
     def backend_name(self) -> str:
-        """The backend CUDA tensors go to ("cuda" or "portable")."""
-        return "cuda" if self._compiled is not None else "portable"
+        """What serves CUDA tensors in normal mode: a compiled family ("intranode", ...) or
+        "portable"."""
+        return self._router.normal_route.family or "portable"
+
+    @property
+    def backend_summary(self) -> str:
+        """One line: which backend serves CUDA tensors in each mode and, where the kernels do not,
+        why (what the benchmark and the Megatron banner print)."""
+        return self._router.describe()
+
+    def _kernel_num_sms(self, config: Config | None, default: Callable[[int], Config]) -> int:
+        """The SM count a kernel launches with: the config's, clamped where ranks share a GPU so
+        that every rank's blocks fit on it together (kernels of different ranks wait on each
+        other, so blocks that cannot be resident would never meet)."""
+        requested = (config or default(self.group_size)).num_sms
+        limit = self.topology.max_sms_per_rank
+        if limit <= 0 or requested <= limit:
+            return requested
+        if not self._warned_sm_clamp:
+            self._warned_sm_clamp = True
+            warnings.warn(
+                f"deepep_megatron: {self.topology.ranks_per_gpu} ranks share a GPU with "
+                f"{self.topology.num_sms_per_gpu} SMs, so kernels run on {limit} SMs per rank instead of "
+                f"{requested} (all ranks' blocks must be resident together); pass Config(num_sms<={limit}) "
+                "or call Buffer.set_num_sms to choose",
+                stacklevel=3,
+            )
+        return limit
 
     # ------------------------------------------------------------------ class helpers (DeepEP API)
     @staticmethod
@@ -159,7 +189,7 @@ class Buffer:
     ) -> int:
         """Bytes for `num_rdma_bytes` in low-latency mode: two (double-buffered) sets of a send
         buffer for the local tokens and per-expert receive slots for every rank's tokens."""
-        dispatch_message = 16 + max(hidden * 2, hidden + hidden // 128 * 4)
+        dispatch_message = 16 + max(hidden * 2, hidden + hidden // limits.FP8_BLOCK_SIZE * 4)
         combine_message = hidden * 2
         message = max(dispatch_message, combine_message)
         send = num_max_dispatch_tokens_per_rank * message
@@ -182,8 +212,9 @@ class Buffer:
     def get_root_rdma_rank(self, global_: bool) -> int:
         return self.rank % self.num_ranks_per_node if global_ else 0
 
-    def capture(self) -> EventOverlap:
-        """An event on the current stream, to pass as `previous_event`."""
+    @staticmethod
+    def capture() -> EventOverlap:
+        """An event on the current stream, to pass as `previous_event` (static, as in DeepEP)."""
         if not torch.cuda.is_available():
             return EventOverlap(None)
         event = torch.cuda.Event()
@@ -199,10 +230,7 @@ class Buffer:
     def _release(self, collective: bool = False) -> None:
         if self._destroyed:
             return
-        if self._compiled is not None:
-            self._compiled.destroy(collective)
-            self._compiled = None
-        self._low_latency_combine_buffers.clear()
+        self._router.destroy(collective)
         self._destroyed = True
 
     def __del__(self):
@@ -279,10 +307,10 @@ class Buffer:
         """
         self._check_alive()
         check.check_topk_idx(topk_idx, num_experts, self.group_size)
-        backend = self._backend_for(topk_idx.device)
+        backend = self._router.normal(topk_idx.device)
         outputs: list = []
         with self._on_comm_stream(topk_idx.device, previous_event, async_finish, outputs):
-            layout = backend.get_dispatch_layout(topk_idx, num_experts)
+            layout = backend.get_dispatch_layout(LayoutRequest(topk_idx, num_experts))
             outputs += [layout.num_tokens_per_rank, layout.num_tokens_per_expert, layout.is_token_in_rank]
         return (
             layout.num_tokens_per_rank,
@@ -344,7 +372,7 @@ class Buffer:
             handle=handle,
             expert_alignment=expert_alignment,
             num_worst_tokens=num_worst_tokens,
-            num_sms=(config or Buffer.get_dispatch_config(self.group_size)).num_sms,
+            num_sms=self._kernel_num_sms(config, Buffer.get_dispatch_config),
         )
         if handle is not None:
             self._check_cached_dispatch(handle, payload, topk_idx, topk_weights)
@@ -367,11 +395,12 @@ class Buffer:
                     raise ValueError("topk_weights needs topk_idx")
                 check.check_topk_weights(topk_weights, topk_idx)
             request.num_tokens_per_rank = num_tokens_per_rank
+            request.num_tokens_per_rdma_rank = num_tokens_per_rdma_rank
             request.is_token_in_rank = is_token_in_rank
             request.num_tokens_per_expert = num_tokens_per_expert
             request.topk_idx = topk_idx
             request.topk_weights = topk_weights
-        backend = self._backend_for(device, handle)
+        backend = self._router.for_handle(handle) if handle is not None else self._router.normal(device)
         self._check_capacity(num_tokens, payload, scales, num_worst_tokens)
 
         self._protect_inputs(async_finish, device, payload, scales, topk_idx, topk_weights)
@@ -472,15 +501,17 @@ class Buffer:
                     f"topk_weights must have {handle.num_recv_rows} rows, got {topk_weights.size(0)}"
                 )
         biases = check.normalize_bias(bias, handle.num_tokens, handle.hidden, x.device)
-        backend = self._backend_for(x.device, handle)
-        num_sms = (config or Buffer.get_combine_config(self.group_size)).num_sms
+        backend = self._router.for_handle(handle)
+        request = CombineRequest(
+            x, handle, topk_weights, biases, self._kernel_num_sms(config, Buffer.get_combine_config)
+        )
 
         self._protect_inputs(async_finish, x.device, x, topk_weights, *biases)
         outputs: list = []
         with self._on_comm_stream(x.device, previous_event, async_finish, outputs):
-            combined_x, combined_weights = backend.combine(x, handle, topk_weights, biases, num_sms)
-            outputs += [combined_x, combined_weights]
-        return combined_x, combined_weights, outputs[-1]
+            result = backend.combine(request)
+            outputs += [result.combined_x, result.combined_topk_weights]
+        return result.combined_x, result.combined_topk_weights, outputs[-1]
 
     # ------------------------------------------------------------------ low latency
     def _check_low_latency(
@@ -519,7 +550,8 @@ class Buffer:
             topk_idx: `[N, K]` int64, -1 for an empty slot.
             cumulative_local_expert_recv_stats: optional `[E_local]` int32, incremented by the
                 received counts.
-            dispatch_wait_recv_cost_stats: accepted, unused.
+            dispatch_wait_recv_cost_stats: optional `[R]` int64, incremented per source rank by the
+                nanoseconds this rank waited for it (0 where the backend cannot tell apart).
             use_fp8, round_scale, use_ue8m0: cast to e4m3 with per-128-channel scales (power-of-
                 two with round_scale; packed UE8M0 int32 with use_ue8m0) before sending.
             return_recv_hook: return at once after sending; the received tensors are valid only
@@ -542,82 +574,76 @@ class Buffer:
                 f"{x.size(0)} tokens exceed "
                 f"num_max_dispatch_tokens_per_rank={num_max_dispatch_tokens_per_rank}"
             )
-        if use_fp8 and x.size(1) % 128 != 0:
-            raise ValueError(f"FP8 low-latency dispatch needs hidden % 128 == 0, got {x.size(1)}")
+        if use_fp8 and x.size(1) % limits.FP8_BLOCK_SIZE != 0:
+            raise ValueError(
+                f"FP8 low-latency dispatch needs hidden % {limits.FP8_BLOCK_SIZE} == 0, got {x.size(1)}"
+            )
         if use_ue8m0 and not use_fp8:
             raise ValueError("use_ue8m0 needs use_fp8")
         self._check_low_latency(num_max_dispatch_tokens_per_rank, x.size(1), num_experts)
-        buffer_index = self._low_latency_buffer_index
-        self._low_latency_buffer_index ^= 1
-
+        check.check_wait_cost_stats(
+            "dispatch_wait_recv_cost_stats", dispatch_wait_recv_cost_stats, self.group_size, x.device
+        )
+        request = LowLatencyDispatchRequest(
+            x=x,
+            topk_idx=topk_idx,
+            num_max_dispatch_tokens_per_rank=num_max_dispatch_tokens_per_rank,
+            num_experts=num_experts,
+            use_fp8=use_fp8,
+            round_scale=round_scale,
+            use_ue8m0=use_ue8m0,
+            return_recv_hook=return_recv_hook,
+            cumulative_local_expert_recv_stats=cumulative_local_expert_recv_stats,
+            dispatch_wait_recv_cost_stats=dispatch_wait_recv_cost_stats,
+            num_sms=self._kernel_num_sms(None, Buffer.get_dispatch_config),
+        )
+        backend = self._router.low_latency(x.device)
         outputs: list = []
         with self._on_comm_stream(x.device, None, async_finish, outputs):
-            result = self._portable.low_latency_dispatch(
-                x,
-                topk_idx,
-                num_max_dispatch_tokens_per_rank,
-                num_experts,
-                use_fp8,
-                round_scale,
-                use_ue8m0,
-                buffer_index,
-                return_recv_hook,
-            )
+            result = backend.dispatch(request)
             outputs += [result.recv_x, result.recv_scales, result.recv_count]
-        finish = result.finish
-        if cumulative_local_expert_recv_stats is not None:
-            finish = self._count_received(finish, cumulative_local_expert_recv_stats, result.recv_count)
         recv_x = (result.recv_x, result.recv_scales) if use_fp8 else result.recv_x
-        return recv_x, result.recv_count, result.handle, outputs[-1], self._wrap_hook(finish, x.device)
+        return recv_x, result.recv_count, result.handle, outputs[-1], self._hook(result.receive, x.device)
 
-    @staticmethod
-    def _count_received(finish, stats: torch.Tensor, recv_count: torch.Tensor):
-        """Add the received counts to `stats` once the receive has completed."""
-        if finish is None:
-            stats.add_(recv_count.to(stats.dtype))
-            return None
-
-        def finish_and_count():
-            finish()
-            stats.add_(recv_count.to(stats.dtype))
-
-        return finish_and_count
-
-    def _wrap_hook(self, finish: Callable[[], None] | None, device: torch.device):
-        """The hook a low-latency call returns: it completes the receive on the comm stream."""
-        if finish is None:
+    def _hook(self, receive: Callable[[], None] | None, device: torch.device):
+        """The hook a low-latency call returns: it runs the receive on the comm stream, after
+        which the current stream may use the outputs."""
+        if receive is None:
             return None
 
         def hook() -> None:
             if device.type == "cuda":
+                self._comm_stream.wait_stream(torch.cuda.current_stream())
                 with torch.cuda.stream(self._comm_stream):
-                    finish()
+                    receive()
                 torch.cuda.current_stream().wait_stream(self._comm_stream)
             else:
-                finish()
+                receive()
 
         return hook
+
+    def _check_low_latency_handle(self, handle: LowLatencyHandle) -> None:
+        if not isinstance(handle, LowLatencyHandle):
+            raise TypeError(
+                f"handle must be the LowLatencyHandle from low_latency_dispatch, got {type(handle).__name__}"
+            )
 
     def get_next_low_latency_combine_buffer(self, handle: LowLatencyHandle) -> torch.Tensor:
         """`[E_local, R * max, H]` bf16 tensor that a `zero_copy` combine reads its input from.
         Write expert outputs here and call `low_latency_combine(..., zero_copy=True)`."""
-        experts_per_rank = handle.num_experts // self.group_size
-        shape = (experts_per_rank, self.group_size * handle.num_max_dispatch_tokens_per_rank, handle.hidden)
-        index = handle.buffer_index
-        buffer = self._low_latency_combine_buffers.get(index)
-        if buffer is None or tuple(buffer.shape) != shape or buffer.device != handle.recv_count.device:
-            buffer = torch.zeros(shape, dtype=torch.bfloat16, device=handle.recv_count.device)
-            self._low_latency_combine_buffers[index] = buffer
-        return buffer
+        self._check_alive()
+        self._check_low_latency_handle(handle)
+        return self._router.for_handle(handle).next_combine_buffer(handle)
 
     def clean_low_latency_buffer(
         self, num_max_dispatch_tokens_per_rank: int, hidden: int, num_experts: int
     ) -> None:
-        """Reset the low-latency buffers (needed by DeepEP after a mode switch; a no-op here
-        apart from zeroing the zero-copy combine buffers)."""
+        """Reset the low-latency buffers; needed (as in DeepEP) before reusing them with other
+        sizes. Collective where the low-latency kernels serve."""
+        self._check_alive()
         self._check_low_latency(num_max_dispatch_tokens_per_rank, hidden, num_experts)
-        for buffer in self._low_latency_combine_buffers.values():
-            buffer.zero_()
+        self._router.low_latency_route.backend.clean(num_max_dispatch_tokens_per_rank, hidden, num_experts)
+        self._router.portable_low_latency.clean(num_max_dispatch_tokens_per_rank, hidden, num_experts)
 
     def low_latency_combine(
         self,
@@ -642,13 +668,13 @@ class Buffer:
             zero_copy: read the input from `get_next_low_latency_combine_buffer(handle)`
                 instead of `x`.
             out: optional `[N, H]` bf16 output tensor.
+            combine_wait_recv_cost_stats: optional `[R]` int64, as for dispatch.
 
         Returns:
             `(combined_x [N, H] bf16, event, hook)`.
         """
         self._check_alive()
-        if not isinstance(handle, LowLatencyHandle):
-            raise TypeError("handle must be the LowLatencyHandle from low_latency_dispatch")
+        self._check_low_latency_handle(handle)
         experts_per_rank = handle.num_experts // self.group_size
         expected = (
             experts_per_rank,
@@ -664,13 +690,25 @@ class Buffer:
             check.check_tensor("out", out, dtype=torch.bfloat16, ndim=2, device=x.device)
             if tuple(out.shape) != (topk_idx.size(0), handle.hidden):
                 raise ValueError(f"out must have shape {(topk_idx.size(0), handle.hidden)}")
+        check.check_wait_cost_stats(
+            "combine_wait_recv_cost_stats", combine_wait_recv_cost_stats, self.group_size, x.device
+        )
+        backend = self._router.for_handle(handle)
         if zero_copy:
-            x = self.get_next_low_latency_combine_buffer(handle)
-
+            x = backend.next_combine_buffer(handle)
+        request = LowLatencyCombineRequest(
+            x=x,
+            topk_idx=topk_idx,
+            topk_weights=topk_weights,
+            handle=handle,
+            zero_copy=zero_copy,
+            out=out,
+            return_recv_hook=return_recv_hook,
+            combine_wait_recv_cost_stats=combine_wait_recv_cost_stats,
+            num_sms=self._kernel_num_sms(None, Buffer.get_combine_config),
+        )
         outputs: list = []
         with self._on_comm_stream(x.device, None, async_finish, outputs):
-            combined, finish = self._portable.low_latency_combine(
-                x, topk_idx, topk_weights, handle, out, return_recv_hook
-            )
-            outputs.append(combined)
-        return combined, outputs[-1], self._wrap_hook(finish, x.device)
+            result = backend.combine(request)
+            outputs.append(result.combined_x)
+        return result.combined_x, outputs[-1], self._hook(result.receive, x.device)

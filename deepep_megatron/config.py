@@ -9,17 +9,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-# Everything a kernel writes besides the payload itself lives in a fixed signal area at the
-# start of each rank's registered region (flags, count slots, diagnostics).
-SIGNAL_AREA_BYTES = 1 << 20
-# Sub-arrays inside a region are aligned to this many bytes (16-byte vector stores, TMA).
-REGION_ALIGNMENT = 256
-# Largest top-k the kernels take, and the default token capacity that size hints assume.
-MAX_TOPK = 16
+from deepep_megatron.limits import FP8_BLOCK_SIZE, MAX_TOPK, REGION_ALIGNMENT
+
+# The token capacity per rank that size hints assume unless told otherwise.
 DEFAULT_MAX_TOKENS_PER_RANK = 4096
 
 
 def align_up(value: int, alignment: int) -> int:
+    """`value` rounded up to a multiple of `alignment`."""
     return (value + alignment - 1) // alignment * alignment
 
 
@@ -34,7 +31,7 @@ def normal_region_bytes(num_max_tokens_per_rank: int, hidden_bytes: int, num_ran
     (the worst case: every token of every rank lands here) and stage one combine input of the
     same size. Combine rows are BF16, so `hidden_bytes` should be the BF16 row size."""
     rows = num_ranks * num_max_tokens_per_rank
-    num_scales = max(1, hidden_bytes // 2 // 128)
+    num_scales = max(1, hidden_bytes // 2 // FP8_BLOCK_SIZE)
     per_row = max(dispatch_row_bytes(hidden_bytes, num_scales), hidden_bytes + MAX_TOPK * 4)
     return align_up(rows * per_row + 8 * REGION_ALIGNMENT, REGION_ALIGNMENT)
 
@@ -54,7 +51,7 @@ def max_tokens_per_rank(num_nvl_bytes: int, hidden_bytes: int, num_scales: int, 
     Args:
         num_nvl_bytes: the buffer's `num_nvl_bytes`.
         hidden_bytes: bytes of one payload row (BF16: 2 * hidden; FP8: hidden).
-        num_scales: float32 scales per row (0 for BF16; hidden / 128 for FP8, which also marks the
+        num_scales: float32 scales per row (0 for BF16; hidden / FP8_BLOCK_SIZE for FP8, which also marks the
             payload as one byte per element).
         num_ranks: ranks in the group.
 
@@ -68,7 +65,7 @@ def max_tokens_per_rank(num_nvl_bytes: int, hidden_bytes: int, num_scales: int, 
         )
     hidden = hidden_bytes if num_scales > 0 else hidden_bytes // 2  # elements per row
     bf16_hidden_bytes = hidden * 2
-    provisioned_scales = max(1, bf16_hidden_bytes // 2 // 128)
+    provisioned_scales = max(1, bf16_hidden_bytes // 2 // FP8_BLOCK_SIZE)
     per_row = max(
         dispatch_row_bytes(bf16_hidden_bytes, provisioned_scales),  # as normal_region_bytes counts it
         bf16_hidden_bytes + MAX_TOPK * 4,

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import torch
 
+from deepep_megatron.limits import FP8_BLOCK_SIZE
+
 __all__ = [
     "FP8_BLOCK_SIZE",
     "FP8_E4M3_MAX",
@@ -31,7 +33,6 @@ __all__ = [
     "fp8_roundtrip_error_bound",
 ]
 
-FP8_BLOCK_SIZE = 128
 """Channels that share one scale."""
 
 FP8_E4M3_MAX = 448.0

@@ -13,8 +13,8 @@ class DispatchHandle:
     """Everything `combine` and a cached `dispatch` need to repeat or invert one normal dispatch.
 
     Attributes:
-        backend: name of the backend that produced it ("portable" or "cuda"); a handle only
-            works with the backend that made it.
+        backend: the backend that made it (a `NormalBackend`; `backend.name` says which); a
+            handle only works with that backend, hence only with the Buffer that made it.
         num_tokens: N, tokens this rank dispatched.
         hidden: H of the dispatched payload.
         num_recv_rows: rows of the received tensors (exact count, or `num_worst_tokens`).
@@ -31,7 +31,7 @@ class DispatchHandle:
         backend_state: whatever else the backend keeps (split sizes, region offsets).
     """
 
-    backend: str
+    backend: Any
     num_tokens: int
     hidden: int
     num_recv_rows: int
@@ -55,7 +55,8 @@ class LowLatencyHandle:
             pair `(begin << 32) | count` of its rows in the expert's slots.
         recv_count: `[E_local]` int32, rows received per local expert.
         num_max_dispatch_tokens_per_rank, hidden, num_experts: the call's sizes.
-        buffer_index: which of the two low-latency buffers the call used (double buffering).
+        buffer_index: which of the two low-latency banks the call used (double buffering).
+        backend: the `LowLatencyBackend` that made it.
         backend_state: whatever else the backend keeps.
     """
 
@@ -66,4 +67,5 @@ class LowLatencyHandle:
     hidden: int
     num_experts: int
     buffer_index: int = 0
+    backend: Any = None
     backend_state: Any = None

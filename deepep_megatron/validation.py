@@ -12,11 +12,10 @@ import weakref
 
 import torch
 
-from deepep_megatron.config import MAX_TOPK
+from deepep_megatron.limits import FP8_BLOCK_SIZE, MAX_LOCAL_EXPERTS, MAX_TOPK
 
 topk_idx_t = torch.int64
 FP8_DTYPE = torch.float8_e4m3fn
-FP8_BLOCK = 128
 
 
 def value_checks_enabled(device: torch.device) -> bool:
@@ -58,6 +57,10 @@ def check_topk_idx(
     _require(
         num_experts % num_ranks == 0,
         f"num_experts ({num_experts}) must be divisible by the number of ranks ({num_ranks})",
+    )
+    _require(
+        num_experts // num_ranks <= MAX_LOCAL_EXPERTS,
+        f"{num_experts // num_ranks} experts per rank; at most {MAX_LOCAL_EXPERTS} are supported",
     )
     _require(0 < topk_idx.size(1) <= MAX_TOPK, f"top-k must be in [1, {MAX_TOPK}], got {topk_idx.size(1)}")
     if (
@@ -119,14 +122,14 @@ def split_payload(x) -> tuple[torch.Tensor, torch.Tensor | None]:
         payload, scales = x
         check_tensor("x[0]", payload, dtype=FP8_DTYPE, ndim=2, device=None)
         _require(
-            payload.size(1) % FP8_BLOCK == 0,
-            f"FP8 dispatch needs a hidden size divisible by {FP8_BLOCK}, got {payload.size(1)}",
+            payload.size(1) % FP8_BLOCK_SIZE == 0,
+            f"FP8 dispatch needs a hidden size divisible by {FP8_BLOCK_SIZE}, got {payload.size(1)}",
         )
         _require(isinstance(scales, torch.Tensor), "x[1] (scales) must be a tensor", TypeError)
         _require(
             scales.dtype == torch.float32, f"x[1] (scales) must be float32, got {scales.dtype}", TypeError
         )
-        expected = (payload.size(0), payload.size(1) // FP8_BLOCK)
+        expected = (payload.size(0), payload.size(1) // FP8_BLOCK_SIZE)
         _require(
             tuple(scales.shape) == expected,
             f"x[1] (scales) must have shape {expected}, got {tuple(scales.shape)}",
@@ -191,6 +194,19 @@ def check_recv_stats(stats: torch.Tensor | None, num_local_experts: int, device:
         stats.numel() == num_local_experts,
         f"cumulative_local_expert_recv_stats must have {num_local_experts} entries (one per local expert), "
         f"got {stats.numel()}",
+    )
+
+
+def check_wait_cost_stats(
+    name: str, stats: torch.Tensor | None, num_ranks: int, device: torch.device
+) -> None:
+    """`dispatch_wait_recv_cost_stats` / `combine_wait_recv_cost_stats`: None or `[R]` int64."""
+    if stats is None:
+        return
+    check_tensor(name, stats, dtype=torch.int64, ndim=1, device=device)
+    _require(
+        stats.numel() == num_ranks,
+        f"{name} must have {num_ranks} entries (one per rank), got {stats.numel()}",
     )
 
 

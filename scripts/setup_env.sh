@@ -44,7 +44,13 @@ if [ ! -f "$build_stamp" ] || [ "$(cat "$build_stamp")" != "$build_hash" ]; then
   echo "setup_env: package installed in $(( $(date +%s) - start )) s"
 fi
 "$VENV/bin/python" - <<'PY'
-from deepep_megatron.backends import cuda
-print("setup_env: compiled extension", "available" if cuda.extension_available() else "not built (portable backend only)")
+import torch
+from deepep_megatron.backends import extension
+if not extension.extension_available():
+    print(f"setup_env: compiled extension not available ({extension.unavailable_reason}): the portable backend serves")
+elif not torch.cuda.is_available():
+    print("setup_env: compiled extension built; no GPU here, so the portable backend serves")
+else:
+    print("setup_env: compiled extension built; it serves CUDA tensors")
 PY
 echo "setup_env: ready ($("$VENV/bin/python" --version), $("$VENV/bin/python" -c 'import torch; print("torch", torch.__version__)'))"

@@ -1,5 +1,6 @@
 """The compiled extension builds wherever the toolchain allows, even on machines without a GPU, so
-CI catches breakage in csrc/ although it cannot run the kernels."""
+CI catches breakage in csrc/ although it cannot run the kernels; and where it cannot serve, the
+reason is one clear line and the portable backend serves instead."""
 
 from __future__ import annotations
 
@@ -8,8 +9,11 @@ import shutil
 
 import pytest
 import torch
+import torch.distributed as dist
 
-from deepep_megatron.backends import cuda as cuda_backend
+from deepep_megatron import Buffer, limits
+from deepep_megatron.backends import extension, intranode
+from deepep_megatron.backends.protocols import BufferSizes, Topology
 
 
 def _toolchain_present() -> bool:
@@ -21,18 +25,55 @@ def _toolchain_present() -> bool:
 
 @pytest.mark.skipif(not _toolchain_present(), reason="no CUDA toolchain: the extension is not built here")
 def test_extension_is_built_and_importable():
-    assert cuda_backend.extension_available(), "nvcc and a CUDA torch are present, so setup.py must build _C"
-    from deepep_megatron import _C
+    assert extension.extension_available(), (
+        f"nvcc and a CUDA torch are present, so setup.py must build _C: {extension.unavailable_reason}"
+    )
+    module = extension.module
+    for name in ("FP8_BLOCK_SIZE", "MAX_TOPK", "MAX_RANKS_PER_NODE", "MAX_LOCAL_EXPERTS", "REGION_ALIGNMENT"):
+        assert getattr(module, name) == getattr(limits, name), name
+    assert issubclass(module.DeviceTimeout, TimeoutError)
 
-    assert _C.MAX_RANKS == 8
-    assert issubclass(_C.DeviceTimeout, TimeoutError)
-    for method in ("layout", "dispatch", "combine", "check_health", "ipc_handle", "open_peers"):
-        assert hasattr(_C.IntranodeRuntime, method)
 
-
-def test_buffer_falls_back_to_portable_without_cuda_tensors():
-    reason = cuda_backend.unavailable_reason(4, 4, 1 << 20)
+def test_intranode_reasons_name_what_is_missing():
+    sizes = BufferSizes(num_nvl_bytes=1 << 20, num_rdma_bytes=0, low_latency_mode=False)
+    reason = intranode.unavailable_reason(Topology(4, 4), sizes)
     if not torch.cuda.is_available():
-        assert reason is not None
-    assert cuda_backend.unavailable_reason(16, 8, 1 << 20) is not None  # internode: no NVSHMEM kernels
-    assert cuda_backend.unavailable_reason(4, 4, 0) is not None
+        assert reason is not None and ("CUDA" in reason or "extension" in reason)
+    if extension.extension_available() and torch.cuda.is_available():
+        assert reason is None
+        too_many = intranode.unavailable_reason(Topology(16, 16), sizes)
+        assert too_many is not None and str(limits.MAX_RANKS_PER_NODE) in too_many
+        no_bytes = intranode.unavailable_reason(Topology(4, 4), BufferSizes(0, 0, False))
+        assert no_bytes == "num_nvl_bytes is 0"
+
+
+def _buffer_summary_on_one_rank() -> dict:
+    """A real Buffer on a one-rank gloo group, as a CPU-only user builds it."""
+    buffer = Buffer(dist.group.WORLD, num_nvl_bytes=1 << 20, num_rdma_bytes=1 << 20, low_latency_mode=True)
+    x = torch.randn(3, 8).bfloat16()
+    topk_idx = torch.tensor([[0], [1], [-1]])
+    layout = buffer.get_dispatch_layout(topk_idx, 2)
+    recv_x, _, _, _, handle, _ = buffer.dispatch(
+        x,
+        num_tokens_per_rank=layout[0],
+        is_token_in_rank=layout[3],
+        num_tokens_per_expert=layout[2],
+        topk_idx=topk_idx,
+    )
+    return {
+        "summary": buffer.backend_summary,
+        "name": buffer.backend_name,
+        "handle_backend": handle.backend.name,
+        "rows": recv_x.size(0),
+    }
+
+
+def test_buffer_serves_cpu_tensors_with_the_portable_backend(cpu_pools):
+    (result,) = cpu_pools(1).run(_buffer_summary_on_one_rank)
+    assert result["handle_backend"] == "portable"
+    assert result["rows"] == 2  # the token with no expert stays home
+    # The summary covers both modes; where the kernels do not serve it says why in the same line.
+    assert result["summary"].startswith("normal: ") and "; low-latency: " in result["summary"]
+    if not torch.cuda.is_available():
+        assert result["name"] == "portable"
+        assert "normal: portable backend (" in result["summary"]

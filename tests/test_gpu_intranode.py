@@ -14,12 +14,12 @@ import time
 import pytest
 import torch
 
-from deepep_megatron.backends import cuda as cuda_backend
+from deepep_megatron.backends import extension
 
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(
-        not (torch.cuda.is_available() and cuda_backend.extension_available()),
+        not (torch.cuda.is_available() and extension.extension_available()),
         reason="needs CUDA and the compiled extension",
     ),
 ]
@@ -237,10 +237,12 @@ def soak(seed: int, iterations: int):
             gc.collect()
             torch.cuda.synchronize()
             memory.append(torch.cuda.memory_allocated())
-    arena_in_use = buffer._compiled.runtime.arena_bytes_in_use
+    arena_in_use = buffer._router.normal_route.backend.runtime.arena_bytes_in_use
     assert max(memory) <= memory[0], f"device memory grew across iterations: {memory}"
     assert arena_in_use == 0, f"{arena_in_use} arena bytes still in use"
-    assert buffer._compiled.num_copied_out == 0, "outputs were copied out although the arena had room"
+    assert buffer._router.normal_route.backend.num_copied_out == 0, (
+        "outputs were copied out although the arena had room"
+    )
     return memory[-1]
 
 

@@ -130,7 +130,6 @@ def build_model(args, config, device):
     from megatron.core.extensions.transformer_engine import HAVE_TE
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec, get_gpt_mtp_block_spec
-
     from sdpa_attention import use_sdpa_core_attention
 
     use_te = bool(HAVE_TE) and device.type == "cuda"

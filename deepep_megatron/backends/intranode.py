@@ -1,4 +1,4 @@
-"""Compiled intranode backend: the CUDA kernels of `deepep_megatron._C` behind the Buffer contract.
+"""The compiled intranode family (`csrc/intranode`) behind the `NormalBackend` protocol.
 
 Every rank allocates one region (signal area, staging, arena) and maps every peer's region
 through CUDA IPC, so the ranks of the group must share one NVLink domain (or one GPU under MPS).
@@ -13,63 +13,71 @@ import warnings
 import torch
 import torch.distributed as dist
 
-from deepep_megatron.backends.base import DispatchLayout, DispatchRequest, DispatchResult
+from deepep_megatron import limits
+from deepep_megatron.backends import extension
+from deepep_megatron.backends.protocols import (
+    BufferSizes,
+    CombineRequest,
+    CombineResult,
+    DispatchLayout,
+    DispatchRequest,
+    DispatchResult,
+    LayoutRequest,
+    Topology,
+)
 from deepep_megatron.handle import DispatchHandle
-
-try:
-    from deepep_megatron import _C
-except ImportError as error:  # not built on this machine
-    _C = None
-    _IMPORT_ERROR = str(error)
-else:
-    _IMPORT_ERROR = ""
 
 TIMEOUT_ENV = "DEEPEP_MEGATRON_TIMEOUT_S"  # bound on every device-side wait (default 100 s)
 ARENA_ENV = "DEEPEP_MEGATRON_ARENA_BYTES"  # zero-copy arena size (default: 2 * num_nvl_bytes)
 
 
-def extension_available() -> bool:
-    return _C is not None
-
-
-def unavailable_reason(num_ranks: int, num_ranks_per_node: int, num_nvl_bytes: int) -> str | None:
-    """Why the compiled backend cannot serve this group, or None if it can."""
-    if _C is None:
-        return f"the compiled extension is not built ({_IMPORT_ERROR})"
+def unavailable_reason(topology: Topology, sizes: BufferSizes) -> str | None:
+    """Why the intranode kernels cannot serve this group, or None if they can."""
+    if extension.module is None:
+        return extension.unavailable_reason
     if not torch.cuda.is_available():
         return "CUDA is not available"
-    if num_ranks_per_node != num_ranks:
-        return "internode groups need the NVSHMEM kernels, which this build does not have"
-    if num_ranks > _C.MAX_RANKS:
-        return f"intranode kernels take at most {_C.MAX_RANKS} ranks, the group has {num_ranks}"
-    if num_nvl_bytes <= 0:
+    if topology.num_ranks > limits.MAX_RANKS_PER_NODE:
+        return (
+            f"intranode kernels take at most {limits.MAX_RANKS_PER_NODE} ranks, "
+            f"the group has {topology.num_ranks}"
+        )
+    if sizes.num_nvl_bytes <= 0:
         return "num_nvl_bytes is 0"
     return None
 
 
-class CudaBackend:
+def create(group: dist.ProcessGroup, topology: Topology, sizes: BufferSizes) -> IntranodeBackend:
+    return IntranodeBackend(group, sizes.num_nvl_bytes, sizes.num_arena_bytes)
+
+
+def timeout_seconds() -> float:
+    return float(os.environ.get(TIMEOUT_ENV, "100"))
+
+
+class IntranodeBackend:
     """The compiled kernels for one intranode group. Collective: every rank creates it together."""
 
-    name = "cuda"
+    name = "intranode"
 
     def __init__(self, group: dist.ProcessGroup, num_nvl_bytes: int, num_arena_bytes: int | None = None):
         self.group = group
         self.rank = dist.get_rank(group)
         self.num_ranks = dist.get_world_size(group)
-        self.num_nvl_bytes = num_nvl_bytes
-        timeout = float(os.environ.get(TIMEOUT_ENV, "100"))
         # Two worst-case dispatch outputs can be held zero-copy at once (e.g. one layer's output
         # while the next dispatch lands); past that, outputs are copied out of staging.
         if num_arena_bytes is None:
             num_arena_bytes = int(os.environ.get(ARENA_ENV, str(2 * num_nvl_bytes)))
-        self.runtime = _C.IntranodeRuntime(self.rank, self.num_ranks, num_nvl_bytes, num_arena_bytes, timeout)
+        self.runtime = extension.module.IntranodeRuntime(
+            self.rank, self.num_ranks, num_nvl_bytes, num_arena_bytes, timeout_seconds()
+        )
         handles: list = [None] * self.num_ranks
         dist.all_gather_object(handles, self.runtime.ipc_handle(), group=group)
         self.runtime.open_peers(handles)
         self.num_copied_out = 0
         dist.barrier(group=group)
 
-    def destroy(self, collective: bool = True) -> None:
+    def destroy(self, collective: bool) -> None:
         """Unmap the peers and release the region (it lives on while arena tensors view it).
         `collective`: synchronize and wait for every rank first, so that no peer still reads this
         rank's region (Buffer.destroy); garbage collection cannot wait for peers."""
@@ -78,47 +86,49 @@ class CudaBackend:
             dist.barrier(group=self.group)
         self.runtime.destroy()
 
-    def get_dispatch_layout(self, topk_idx: torch.Tensor, num_experts: int) -> DispatchLayout:
+    def get_dispatch_layout(self, request: LayoutRequest) -> DispatchLayout:
         num_tokens_per_rank, num_tokens_per_expert, is_token_in_rank = self.runtime.layout(
-            topk_idx, num_experts
+            request.topk_idx, request.num_experts
         )
         return DispatchLayout(num_tokens_per_rank, None, num_tokens_per_expert, is_token_in_rank)
 
     def dispatch(self, request: DispatchRequest) -> DispatchResult:
+        if request.is_cached:
+            return self._dispatch_cached(request)
+        outputs = self.runtime.dispatch(
+            request.x,
+            request.scales,
+            request.topk_idx,
+            request.topk_weights,
+            request.is_token_in_rank,
+            request.num_tokens_per_expert,
+            None,
+            None,
+            0,
+            request.num_worst_tokens,
+            request.expert_alignment,
+            request.num_sms,
+        )
+        self._note_copy_out(outputs)
+        handle = DispatchHandle(
+            backend=self,
+            num_tokens=request.x.size(0),
+            hidden=request.x.size(1),
+            num_recv_rows=outputs.recv_x.size(0),
+            num_recv_tokens=outputs.num_recv_tokens,
+            is_token_in_rank=request.is_token_in_rank,
+            num_tokens_matrix=outputs.count_matrix,
+            send_slot=outputs.send_slot,
+            recv_src_idx=outputs.recv_src_idx,
+            num_recv_tokens_per_expert_list=list(outputs.num_recv_tokens_per_expert),
+            backend_state=request.num_worst_tokens,
+        )
+        return DispatchResult(
+            outputs.recv_x, outputs.recv_scales, outputs.recv_topk_idx, outputs.recv_topk_weights, handle
+        )
+
+    def _dispatch_cached(self, request: DispatchRequest) -> DispatchResult:
         handle = request.handle
-        if handle is None:
-            outputs = self.runtime.dispatch(
-                request.x,
-                request.scales,
-                request.topk_idx,
-                request.topk_weights,
-                request.is_token_in_rank,
-                request.num_tokens_per_expert,
-                None,
-                None,
-                0,
-                request.num_worst_tokens,
-                request.expert_alignment,
-                request.num_sms,
-            )
-            self._note_copy_out(outputs)
-            num_rows = outputs.recv_x.size(0)
-            handle = DispatchHandle(
-                backend=self.name,
-                num_tokens=request.x.size(0),
-                hidden=request.x.size(1),
-                num_recv_rows=num_rows,
-                num_recv_tokens=outputs.num_recv_tokens,
-                is_token_in_rank=request.is_token_in_rank,
-                num_tokens_matrix=outputs.count_matrix,
-                send_slot=outputs.send_slot,
-                recv_src_idx=outputs.recv_src_idx,
-                num_recv_tokens_per_expert_list=list(outputs.num_recv_tokens_per_expert),
-                backend_state=request.num_worst_tokens,
-            )
-            return DispatchResult(
-                outputs.recv_x, outputs.recv_scales, outputs.recv_topk_idx, outputs.recv_topk_weights, handle
-            )
         outputs = self.runtime.dispatch(
             request.x,
             request.scales,
@@ -147,25 +157,20 @@ class CudaBackend:
                 f"({self.runtime.arena_bytes_in_use} bytes held by live outputs) and was copied out of "
                 "staging, which costs a second pass; raise Buffer(num_arena_bytes=...) or free outputs "
                 "sooner",
-                stacklevel=4,
+                stacklevel=5,
             )
 
-    def combine(self, x, handle: DispatchHandle, topk_weights, biases, num_sms):
-        bias0 = biases[0] if len(biases) > 0 else None
-        bias1 = biases[1] if len(biases) > 1 else None
-        return self.runtime.combine(
-            x,
-            topk_weights,
-            bias0,
-            bias1,
+    def combine(self, request: CombineRequest) -> CombineResult:
+        biases = request.biases
+        handle = request.handle
+        combined_x, combined_weights = self.runtime.combine(
+            request.x,
+            request.topk_weights,
+            biases[0] if len(biases) > 0 else None,
+            biases[1] if len(biases) > 1 else None,
             handle.send_slot,
             handle.num_tokens_matrix,
             handle.num_tokens,
-            num_sms,
+            request.num_sms,
         )
-
-    def check_health(self) -> None:
-        self.runtime.check_health()
-
-
-__all__ = ["CudaBackend", "extension_available", "unavailable_reason"]
+        return CombineResult(combined_x, combined_weights)
