@@ -5,7 +5,9 @@ torch.distributed backend that gives the same results on any device, and compile
 kernels for Hopper GPUs.
 """
 
+from deepep_megatron import utils
 from deepep_megatron.buffer import Buffer
+from deepep_megatron.compat import install_as_deep_ep, uninstall_as_deep_ep
 from deepep_megatron.config import Config
 from deepep_megatron.event import EventOverlap
 from deepep_megatron.handle import DispatchHandle, LowLatencyHandle
@@ -19,6 +21,9 @@ __all__ = [
     "DispatchHandle",
     "EventOverlap",
     "LowLatencyHandle",
+    "install_as_deep_ep",
     "topk_idx_t",
+    "uninstall_as_deep_ep",
+    "utils",
     "__version__",
 ]

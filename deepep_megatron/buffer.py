@@ -129,6 +129,7 @@ class Buffer:
         self._router = BackendRouter(group, self.topology, sizes, self.backend_preference)
         self._comm_stream = torch.cuda.Stream() if torch.cuda.is_available() else None
         self._warned_sm_clamp = False
+        self._local_buffers: dict[str, torch.Tensor] = {}
         self._destroyed = False
 
     @property
@@ -197,6 +198,43 @@ class Buffer:
         signals = num_experts * 8
         return align_up(2 * (send + recv + signals), 128)
 
+    @staticmethod
+    def is_sm90_compiled() -> bool:
+        """Whether the compiled kernels (built for Hopper, sm_90) are available."""
+        from deepep_megatron.backends import extension
+
+        return extension.extension_available()
+
+    def get_local_buffer_tensor(
+        self,
+        dtype: torch.dtype,
+        size: torch.Size | None = None,
+        offset: int = 0,
+        use_rdma_buffer: bool = False,
+    ) -> torch.Tensor:
+        """A tensor over this rank's own communication memory, as DeepEP offers it: `num_nvl_bytes`
+        (or `num_rdma_bytes` with `use_rdma_buffer`) bytes from `offset`, viewed as `dtype` and
+        shaped `size` (default: 1-D, all that fits). Where the backend keeps no such memory
+        between calls (the portable one), a persistent local tensor of that size stands in."""
+        self._check_alive()
+        num_bytes = self.num_rdma_bytes if use_rdma_buffer else self.num_nvl_bytes
+        element_size = torch.empty((), dtype=dtype).element_size()
+        if offset < 0 or offset > num_bytes or offset % element_size:
+            raise ValueError(f"offset {offset} must be a multiple of {element_size} within {num_bytes} bytes")
+        available = (num_bytes - offset) // element_size
+        numel = available if size is None else int(torch.Size(size).numel())
+        if numel > available:
+            raise ValueError(
+                f"{numel} elements of {dtype} do not fit {num_bytes - offset} bytes from offset {offset}"
+            )
+        key = "rdma" if use_rdma_buffer else "nvl"
+        memory = self._local_buffers.get(key)
+        if memory is None:
+            device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
+            memory = self._local_buffers[key] = torch.zeros(num_bytes, dtype=torch.uint8, device=device)
+        view = memory[offset : offset + numel * element_size].view(dtype)
+        return view if size is None else view.view(size)
+
     def get_comm_stream(self) -> torch.cuda.Stream | None:
         return self._comm_stream
 
@@ -231,6 +269,7 @@ class Buffer:
         if self._destroyed:
             return
         self._router.destroy(collective)
+        self._local_buffers.clear()
         self._destroyed = True
 
     def __del__(self):

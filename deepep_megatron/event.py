@@ -23,7 +23,8 @@ class EventOverlap:
     """
 
     def __init__(self, event: torch.cuda.Event | None = None, extra_tensors: Sequence[Any] | None = None):
-        self.event = event
+        # DeepEP programs pass a `utils.EventHandle`; keep the CUDA event it holds.
+        self.event = getattr(event, "event", event)
         self.extra_tensors = tuple(extra_tensors) if extra_tensors is not None else None
 
     def current_stream_wait(self) -> None:

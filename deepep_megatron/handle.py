@@ -1,4 +1,9 @@
-"""Typed handles returned by dispatch calls. Code above `Buffer` treats them as opaque."""
+"""Typed handles returned by dispatch calls. Code above `Buffer` treats them as opaque.
+
+Programs written for DeepEP sometimes index its handles, which are tuples. Ours index the same
+way (`handle[i]`, `len`, unpacking), position for position, where our design has the same
+quantity, and give None where DeepEP's ring-buffer design keeps something ours has no use for.
+"""
 
 from __future__ import annotations
 
@@ -43,6 +48,31 @@ class DispatchHandle:
     num_recv_tokens_per_expert_list: list[int] = field(default_factory=list)
     backend_state: Any = None
 
+    def as_deepep_tuple(self) -> tuple:
+        """DeepEP's intranode handle, position for position:
+        0 `rank_prefix_matrix` `[R, R]` int32 (`[s, d]`: tokens ranks 0..s send to rank d),
+        1 `channel_prefix_matrix` and 2 `recv_channel_prefix_matrix`: None (no channels here),
+        3 `recv_src_idx` `[M]` int32, 4 `is_token_in_rank` `[N, R]` bool,
+        5 `send_head` `[N, R]` int32: the token's position among the rows sent to each rank, -1
+        where it was not sent (DeepEP keeps the ring slot there)."""
+        return (
+            self.num_tokens_matrix.cumsum(0, dtype=torch.int32),
+            None,
+            None,
+            self.recv_src_idx,
+            self.is_token_in_rank,
+            self.send_slot,
+        )
+
+    def __getitem__(self, index):
+        return self.as_deepep_tuple()[index]
+
+    def __len__(self) -> int:
+        return 6
+
+    def __iter__(self):
+        return iter(self.as_deepep_tuple())
+
 
 @dataclass(eq=False)
 class LowLatencyHandle:
@@ -69,3 +99,23 @@ class LowLatencyHandle:
     buffer_index: int = 0
     backend: Any = None
     backend_state: Any = None
+
+    def as_deepep_tuple(self) -> tuple:
+        """DeepEP's low-latency handle, position for position: `(src_info [E_local, R * T] int32,
+        layout_range [E_local, R] int64, num_max_dispatch_tokens_per_rank, hidden, num_experts)`."""
+        return (
+            self.recv_src_info,
+            self.recv_layout_range,
+            self.num_max_dispatch_tokens_per_rank,
+            self.hidden,
+            self.num_experts,
+        )
+
+    def __getitem__(self, index):
+        return self.as_deepep_tuple()[index]
+
+    def __len__(self) -> int:
+        return 5
+
+    def __iter__(self):
+        return iter(self.as_deepep_tuple())

@@ -336,3 +336,96 @@ def _destroy_case():
 
 def test_destroy_semantics(cpu_pools):
     assert cpu_pools(2).run(_destroy_case) == [True, True]
+
+
+# --------------------------------------------------------------------------------------------------
+# what programs written for DeepEP (Megatron-LM's flex dispatcher among them) reach for
+
+
+def test_deep_ep_utils_and_install_as_deep_ep():
+    """`deep_ep.utils.EventHandle/EventOverlap` and `install_as_deep_ep`, in a fresh interpreter so
+    the module table of this one stays clean."""
+    code = """
+import sys, types
+import deepep_megatron
+deepep_megatron.install_as_deep_ep()
+from deep_ep import Buffer, Config
+from deep_ep.utils import EventHandle, EventOverlap
+assert Buffer is deepep_megatron.Buffer and Config is deepep_megatron.Config
+event = EventOverlap(EventHandle())
+event.current_stream_wait()
+deepep_megatron.install_as_deep_ep()  # twice is fine
+deepep_megatron.uninstall_as_deep_ep()
+assert "deep_ep" not in sys.modules
+sys.modules["deep_ep"] = types.ModuleType("deep_ep")  # DeepEP itself, imported first
+try:
+    deepep_megatron.install_as_deep_ep()
+except RuntimeError as error:
+    assert "different deep_ep" in str(error)
+else:
+    raise AssertionError("install_as_deep_ep replaced another deep_ep")
+print("ok")
+"""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
+
+
+def test_static_helpers_deepep_programs_call():
+    assert isinstance(inspect.getattr_static(Buffer, "is_sm90_compiled"), staticmethod)
+    assert isinstance(Buffer.is_sm90_compiled(), bool)
+    assert isinstance(Buffer.capture(), EventOverlap)  # static, as DeepEP's
+
+
+def _handles_index_like_deepep_case():
+    rank, num_ranks = dist.get_rank(), dist.get_world_size()
+    num_experts, hidden = 2 * num_ranks, 128
+    generator = torch.Generator().manual_seed(rank)
+    topk_idx = torch.randint(-1, num_experts, (5, 2), generator=generator)
+    x = torch.randn(5, hidden, generator=generator).bfloat16()
+    ll_bytes = Buffer.get_low_latency_rdma_size_hint(8, hidden, num_ranks, num_experts)
+    buffer = Buffer(dist.group.WORLD, num_rdma_bytes=ll_bytes, low_latency_mode=True)
+    per_rank, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(topk_idx, num_experts)
+    recv = buffer.dispatch(
+        x, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert
+    )
+    handle = recv[4]
+    rank_prefix, channel_prefix, recv_channel_prefix, recv_src_idx, is_token_in_rank, send_head = handle
+    assert len(handle) == 6 and channel_prefix is None and recv_channel_prefix is None
+    assert handle[3] is handle.recv_src_idx and is_token_in_rank is in_rank and send_head is handle.send_slot
+    # rank_prefix_matrix[s, d]: tokens that ranks 0..s send to rank d; its last row is what d receives.
+    received = [torch.zeros(1, dtype=torch.int32) for _ in range(num_ranks)]
+    dist.all_gather(received, torch.tensor([recv[0].size(0)], dtype=torch.int32))
+    assert rank_prefix[-1].tolist() == [int(r) for r in received]
+    assert recv_src_idx.numel() == recv[0].size(0)
+
+    _, _, ll_handle, _, _ = buffer.low_latency_dispatch(x, topk_idx, 8, num_experts, use_fp8=False)
+    src_info, layout_range, max_tokens, ll_hidden, ll_experts = ll_handle
+    assert src_info is ll_handle.recv_src_info and layout_range is ll_handle.recv_layout_range
+    assert (max_tokens, ll_hidden, ll_experts) == (8, hidden, num_experts) and len(ll_handle) == 5
+    return True
+
+
+def test_handles_index_like_deepep_tuples(cpu_pools):
+    assert cpu_pools(2).run(_handles_index_like_deepep_case) == [True, True]
+
+
+def _local_buffer_tensor_case():
+    buffer = Buffer(dist.group.WORLD, num_nvl_bytes=1024, num_rdma_bytes=256)
+    whole = buffer.get_local_buffer_tensor(torch.bfloat16)
+    assert whole.dtype == torch.bfloat16 and whole.numel() == 512
+    part = buffer.get_local_buffer_tensor(torch.float32, (4, 8), offset=512)
+    part.fill_(1.0)
+    assert buffer.get_local_buffer_tensor(torch.float32)[128:160].sum().item() == 32  # same memory
+    assert buffer.get_local_buffer_tensor(torch.int64, use_rdma_buffer=True).numel() == 32
+    with pytest.raises(ValueError):
+        buffer.get_local_buffer_tensor(torch.float32, (300,))
+    with pytest.raises(ValueError):
+        buffer.get_local_buffer_tensor(torch.float32, offset=2)
+    return True
+
+
+def test_get_local_buffer_tensor(cpu_pools):
+    assert cpu_pools(1).run(_local_buffer_tensor_case) == [True]

@@ -29,7 +29,9 @@ LOCAL_METHODS = {
     "get_low_latency_rdma_size_hint",
     "get_num_rdma_ranks",
     "get_rdma_rank",
+    "get_local_buffer_tensor",
     "get_root_rdma_rank",
+    "is_sm90_compiled",
     "set_num_sms",
 }
 
