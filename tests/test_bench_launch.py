@@ -186,6 +186,24 @@ def test_launcher_propagates_the_failing_exit_code_and_stops_the_others(rank_scr
     assert time.monotonic() - begin < 120  # the sleeping ranks were stopped, not waited for
 
 
+def test_launcher_repeats_the_failing_ranks_error_last(tmp_path):
+    script = tmp_path / "bad_input.py"
+    script.write_text(
+        "import sys, time\n"
+        "from deepep_megatron.launch import init_distributed\n"
+        "rank, _, _ = init_distributed()\n"
+        "if rank == 1:\n"
+        "    raise ValueError('topk_idx has expert ids in [0, 99]; valid ids are -1 (none) and 0..15')\n"
+        "time.sleep(300)\n"
+    )
+    result = _run(["-m", "deepep_megatron.launch", "--nproc", "3", str(script)])
+    assert result.returncode == 1
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("[launch] rank 1 failed with exit code 1: ValueError: topk_idx has expert ids"), (
+        last
+    )
+
+
 # ---------------------------------------------------------------------------------------- bench
 TINY = ["--device", "cpu", "--backend", "portable", "--nproc", "2", "--num-tokens", "32", "--hidden", "256",
         "--num-experts", "16", "--num-topk", "4", "--warmup", "1", "--iters", "3"]  # fmt: skip

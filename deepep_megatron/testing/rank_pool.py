@@ -14,16 +14,11 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
-import socket
 import traceback
 from collections.abc import Callable
 from typing import Any
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from deepep_megatron.launch.rank import free_port
 
 
 def _worker(rank: int, world_size: int, port: int, conn, backend: str, device: str, env: dict) -> None:

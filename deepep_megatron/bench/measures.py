@@ -1,0 +1,143 @@
+"""What the benchmark counts: bytes per call, GB/s, per-op summaries over ranks, and DeepEP V1's
+reference figures on the same harness (docs/benchmarking.md)."""
+
+from __future__ import annotations
+
+import statistics
+
+FP8_BYTES_FACTOR = (1 + 4 / 128) / 2
+"""FP8 bytes per BF16 byte: one byte per channel plus one float32 scale per 128 channels."""
+
+MIN_WARMUP, MIN_ITERS = 10, 30
+"""docs/benchmarking.md: at least this many warm-up and timed calls."""
+
+GROUP_LIMITED = {"num_groups": 8, "topk_groups": 4}
+
+# docs/benchmarking.md: DeepEP V1.2.1 on the one-GPU harness (4096 tokens, hidden 7168, top-8 of 256), GB/s
+# per rank, keyed by (ranks, SMs per rank) -> (dispatch BF16, dispatch FP8, combine BF16).
+DEEPEP_V1_REFERENCE = {
+    (2, 16): (204, 137, 179),
+    (2, 24): (275, 190, 245),
+    (2, 64): (459, 355, 418),
+    (4, 8): (87, 85, 126),
+    (4, 16): (170, 162, 209),
+    (4, 32): (227, 222, 270),
+    (8, 8): (113, 104, 119),
+    (8, 16): (123, 117, 140),
+}
+NORMAL_OPS = ("dispatch_bf16", "dispatch_fp8", "combine_bf16")
+LOW_LATENCY_OPS = ("low_latency_dispatch_fp8", "low_latency_combine_bf16")
+OP_LABELS = {
+    "dispatch_bf16": "dispatch BF16",
+    "dispatch_fp8": "dispatch FP8",
+    "combine_bf16": "combine BF16",
+    "nccl_all_to_all_bf16": "NCCL all_to_all BF16",
+    "low_latency_dispatch_fp8": "LL dispatch FP8",
+    "low_latency_combine_bf16": "LL combine BF16",
+}
+
+SHAPE_DEFAULTS = {
+    # (mode, device): (num_tokens, hidden, num_experts, num_topk)
+    ("normal", "cuda"): (4096, 7168, 256, 8),
+    ("normal", "cpu"): (256, 1024, 256, 8),
+    ("low_latency", "cuda"): (128, 7168, 256, 8),
+    ("low_latency", "cpu"): (64, 1024, 256, 8),
+}
+
+
+# ------------------------------------------------------------------------ arithmetic (pure functions)
+def normal_bytes(num_recv_rows: int, hidden: int, fp8: bool = False) -> float:
+    """Bytes a normal dispatch (or its combine) moves to/from one rank: received rows x hidden x
+    2 bytes, times (1 + 4/128) / 2 for FP8."""
+    num_bytes = float(num_recv_rows) * hidden * 2
+    return num_bytes * FP8_BYTES_FACTOR if fp8 else num_bytes
+
+
+def low_latency_bytes(num_selections: int, hidden: int, op: str) -> float:
+    """Bytes one rank's low-latency call moves: per valid top-k selection, H + H/128*4 + 16 for
+    the FP8 dispatch ("dispatch"), 2H for the BF16 combine ("combine")."""
+    if op == "dispatch":
+        return float(num_selections) * (hidden + hidden / 128 * 4 + 16)
+    if op == "combine":
+        return float(num_selections) * hidden * 2
+    raise ValueError(f"op must be 'dispatch' or 'combine', got {op!r}")
+
+
+def gbps(num_bytes: float, seconds: float) -> float:
+    """GB/s with GB = 1e9 bytes (DeepEP's convention)."""
+    if seconds <= 0:
+        raise ValueError(f"time must be positive, got {seconds}")
+    return num_bytes / seconds / 1e9
+
+
+def min_mean(values: list[float]) -> tuple[float, float]:
+    """The minimum and the mean over ranks."""
+    return min(values), sum(values) / len(values)
+
+
+def _median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+def summarize_normal(rank_results: list[dict], hidden: int) -> list[dict]:
+    """Per-op numbers of one case from every rank's result."""
+    rows = []
+    for op in NORMAL_OPS:
+        medians = [_median(r["times_s"][op]) for r in rank_results]
+        per_rank = [
+            gbps(normal_bytes(r["recv_rows"], hidden, fp8=op == "dispatch_fp8"), t)
+            for r, t in zip(rank_results, medians)
+        ]
+        low, mean = min_mean(per_rank)
+        rows.append(
+            {
+                "op": op,
+                "median_s": medians,
+                "gbps": per_rank,
+                "gbps_min": low,
+                "gbps_mean": mean,
+                "times_s": [r["times_s"][op] for r in rank_results],
+            }
+        )
+    if rank_results[0].get("nccl_baseline") is not None:
+        medians = [_median(r["nccl_baseline"]) for r in rank_results]
+        per_rank = [gbps(normal_bytes(r["recv_rows"], hidden), t) for r, t in zip(rank_results, medians)]
+        low, mean = min_mean(per_rank)
+        rows.append(
+            {
+                "op": "nccl_all_to_all_bf16",
+                "median_s": medians,
+                "gbps": per_rank,
+                "gbps_min": low,
+                "gbps_mean": mean,
+                "times_s": [r["nccl_baseline"] for r in rank_results],
+            }
+        )
+    return rows
+
+
+def summarize_low_latency(rank_results: list[dict], hidden: int) -> list[dict]:
+    rows = []
+    for op in LOW_LATENCY_OPS:
+        kind = "dispatch" if "dispatch" in op else "combine"
+        medians = [_median(r["times_s"][op]) for r in rank_results]
+        per_rank = [
+            gbps(low_latency_bytes(r["num_selections"], hidden, kind), t)
+            for r, t in zip(rank_results, medians)
+        ]
+        us_min, us_mean = min_mean([t * 1e6 for t in medians])
+        low, mean = min_mean(per_rank)
+        rows.append(
+            {
+                "op": op,
+                "median_s": medians,
+                "us_min": us_min,
+                "us_mean": us_mean,
+                "us_max": max(medians) * 1e6,
+                "gbps": per_rank,
+                "gbps_min": low,
+                "gbps_mean": mean,
+                "times_s": [r["times_s"][op] for r in rank_results],
+            }
+        )
+    return rows
