@@ -416,6 +416,9 @@ class Buffer:
         if handle is not None:
             self._check_cached_dispatch(handle, payload, topk_idx, topk_weights)
         else:
+            # Rows first: x and topk_idx from different batches is the likelier mistake than a
+            # malformed layout, and the message should say so.
+            check.check_same_rows(num_tokens, topk_idx=topk_idx, is_token_in_rank=is_token_in_rank)
             check.check_layout_inputs(
                 num_tokens,
                 self.group_size,
@@ -427,8 +430,6 @@ class Buffer:
             )
             if topk_idx is not None:
                 check.check_topk_idx(topk_idx, num_tokens_per_expert.numel(), self.group_size, device)
-                if topk_idx.size(0) != num_tokens:
-                    raise ValueError(f"topk_idx has {topk_idx.size(0)} rows but x has {num_tokens}")
             if topk_weights is not None:
                 if topk_idx is None:
                     raise ValueError("topk_weights needs topk_idx")

@@ -148,6 +148,16 @@ def split_payload(x) -> tuple[torch.Tensor, torch.Tensor | None]:
     return x, None
 
 
+def check_same_rows(num_tokens: int, **tensors: torch.Tensor | None) -> None:
+    """Every given tensor has one row per token of `x` (`num_tokens` rows)."""
+    for name, tensor in tensors.items():
+        if isinstance(tensor, torch.Tensor) and tensor.dim() >= 1 and tensor.size(0) != num_tokens:
+            raise ValueError(
+                f"x has {num_tokens} rows but {name} has {tensor.size(0)}: one row per token is needed "
+                "(were they made for different batches?)"
+            )
+
+
 def check_layout_inputs(
     num_tokens: int,
     num_ranks: int,

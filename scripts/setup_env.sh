@@ -26,6 +26,8 @@ PIP=("$VENV/bin/python" -m pip --disable-pip-version-check)
 stamp="$VENV/.deepep_megatron_deps"
 deps_hash=$(cat requirements*.txt setup.py pyproject.toml 2>/dev/null | sha256sum | cut -c1-16)
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$deps_hash" ]; then
+  echo "setup_env: installing requirements-dev.txt into $VENV (first time: about 3 GB of downloads," \
+    "a 5 GB venv with PyPI's CUDA build of torch, several minutes)"
   "${PIP[@]}" install -q --upgrade pip
   # The machine-wide pip constraint (if any) pins torch for other Python versions; ignore it here.
   PIP_CONSTRAINT= "${PIP[@]}" install -q -r requirements-dev.txt
@@ -38,6 +40,8 @@ export CUDA_HOME
 build_stamp="$VENV/.deepep_megatron_build"
 build_hash=$( (cat setup.py pyproject.toml; find csrc -type f | sort | xargs cat; echo "${DEEPEP_MEGATRON_BUILD_EXT:-auto}") | sha256sum | cut -c1-16)
 if [ ! -f "$build_stamp" ] || [ "$(cat "$build_stamp")" != "$build_hash" ]; then
+  echo "setup_env: installing the package (editable); where nvcc is found this compiles the CUDA" \
+    "extension too (minutes on 2 cores)"
   start=$(date +%s)
   PIP_CONSTRAINT= "${PIP[@]}" install -q --no-build-isolation --no-deps -e .
   echo "$build_hash" > "$build_stamp"

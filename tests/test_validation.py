@@ -274,6 +274,11 @@ CASES = {
             c, num_tokens_per_expert=torch.zeros(3, dtype=torch.int32), topk_idx=None, topk_weights=None
         ),
     ),
+    "dispatch/x-from-another-batch": (
+        ValueError,
+        "x has 4 rows but topk_idx has 5",
+        lambda c: _dispatch(c, c.x[:-1]),
+    ),
     "dispatch/topk-rows": (
         ValueError,
         "rows",
