@@ -604,7 +604,10 @@ def test_num_worst_tokens_too_small(cpu_pools):
     assert cpu_pools(2).run(_worst_tokens_too_small_case, 4) == [True, True]
 
 
-def test_async_events(cpu_pools):
+def test_async_arguments_give_the_same_results_on_cpu(cpu_pools):
+    """`previous_event`, `async_finish` and `allocate_on_comm_stream` are accepted, give
+    `EventOverlap`s and leave the results unchanged. On the CPU every call completes before it
+    returns, so stream ordering itself is tested on the GPU (tests/test_gpu_streams.py)."""
     cpu_pools(2).run(_async_case, 23, [7, 5], 8, 2, 3)
 
 
