@@ -16,8 +16,8 @@ from contextlib import contextmanager
 import torch
 import torch.distributed as dist
 
-from deepep_megatron import limits
-from deepep_megatron import validation as check
+import deepep_megatron.limits as limits
+import deepep_megatron.validation as check
 from deepep_megatron.backends.protocols import (
     BufferSizes,
     CombineRequest,

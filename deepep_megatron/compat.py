@@ -11,7 +11,10 @@ when its module is first imported, so call this before importing megatron-core's
 
 from __future__ import annotations
 
+import importlib
 import sys
+
+_PACKAGE = __name__.rpartition(".")[0]  # "deepep_megatron"
 
 
 def install_as_deep_ep() -> None:
@@ -21,23 +24,20 @@ def install_as_deep_ep() -> None:
         RuntimeError: a different `deep_ep` (DeepEP itself) is already imported; the two cannot
             share one name in one process.
     """
-    import deepep_megatron
-    from deepep_megatron import utils
-
+    package = sys.modules[_PACKAGE]  # imported already: this module is part of it
+    utils = importlib.import_module(f"{_PACKAGE}.utils")
     present = sys.modules.get("deep_ep")
-    if present is not None and present is not deepep_megatron:
+    if present is not None and present is not package:
         raise RuntimeError(
             f"a different deep_ep is already imported ({getattr(present, '__file__', present)}); "
             "call deepep_megatron.install_as_deep_ep() before anything imports deep_ep, or use DeepEP itself"
         )
-    sys.modules["deep_ep"] = deepep_megatron
+    sys.modules["deep_ep"] = package
     sys.modules["deep_ep.utils"] = utils
 
 
 def uninstall_as_deep_ep() -> None:
     """Undo `install_as_deep_ep` (modules that already imported `deep_ep` keep what they got)."""
-    import deepep_megatron
-
-    if sys.modules.get("deep_ep") is deepep_megatron:
+    if sys.modules.get("deep_ep") is sys.modules[_PACKAGE]:
         del sys.modules["deep_ep"]
         sys.modules.pop("deep_ep.utils", None)

@@ -17,7 +17,7 @@ pytestmark = [
         reason="needs CUDA and the compiled extension",
     ),
     pytest.mark.skipif(
-        torch.cuda.is_available() and torch.cuda.device_count() > 1, reason="ranks share a GPU only on one GPU"
+        torch.cuda.is_available() and torch.cuda.device_count() > 1, reason="ranks share one GPU"
     ),
 ]
 

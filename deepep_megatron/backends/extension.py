@@ -6,14 +6,14 @@ from `deepep_megatron.limits` (a stale build) is treated as not built, with the 
 
 from __future__ import annotations
 
-from deepep_megatron import limits
+import deepep_megatron.limits as limits
 
 _SHARED_LIMITS = ("FP8_BLOCK_SIZE", "MAX_TOPK", "MAX_RANKS_PER_NODE", "MAX_LOCAL_EXPERTS", "REGION_ALIGNMENT")
 
 
 def _load():
     try:
-        from deepep_megatron import _C
+        import deepep_megatron._C as _C
     except ImportError as error:  # not built on this machine
         return None, f"the compiled extension is not built ({error})"
     disagree = [

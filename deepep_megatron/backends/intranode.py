@@ -13,7 +13,7 @@ import warnings
 import torch
 import torch.distributed as dist
 
-from deepep_megatron import limits
+import deepep_megatron.limits as limits
 from deepep_megatron.backends import extension
 from deepep_megatron.backends.protocols import (
     BufferSizes,

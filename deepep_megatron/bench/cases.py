@@ -81,7 +81,7 @@ def _buffer(
     backend: str, num_nvl_bytes: int, num_rdma_bytes: int = 0, low_latency: bool = False, num_qps: int = 1
 ):
     """One Buffer per rank process and configuration (they are reused across cases)."""
-    from deepep_megatron import Buffer
+    from deepep_megatron.buffer import Buffer
 
     key = (backend, num_nvl_bytes, num_rdma_bytes, low_latency)
     buffers = _RANK_STATE.setdefault("buffers", {})
@@ -170,7 +170,7 @@ def run_normal_case(spec: dict) -> dict:
     """Check, then time dispatch (BF16, FP8) and combine for one (routing, SMs) case on this rank."""
     import torch
 
-    from deepep_megatron import Config
+    from deepep_megatron.config import Config
     from deepep_megatron.fp8 import per_token_cast_back, per_token_cast_to_fp8
 
     dist = _dist()
@@ -265,7 +265,7 @@ def run_low_latency_case(spec: dict) -> dict:
     """Check, then time low_latency_dispatch (FP8) and low_latency_combine on this rank."""
     import torch
 
-    from deepep_megatron import Buffer
+    from deepep_megatron.buffer import Buffer
 
     dist = _dist()
     num_ranks, rank = dist.get_world_size(), dist.get_rank()
