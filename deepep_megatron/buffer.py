@@ -285,11 +285,15 @@ class Buffer:
 
     # ------------------------------------------------------------------ streams
     @contextmanager
-    def _on_comm_stream(
+    def _ordered(
         self, device: torch.device, previous_event: EventOverlap | None, async_finish: bool, outputs: list
     ):
-        """Run the body on the communication stream after `previous_event` (or the current
-        stream), then either make the current stream wait or hand back an event.
+        """Order the body's kernels: after `previous_event` (or the current stream's work), and
+        before the current stream's later work unless `async_finish` asks for an event instead.
+
+        A synchronous call (no `async_finish`) runs on the current stream itself: waiting for the
+        comm stream and back would order it the same and cost two cross-stream waits per call.
+        An asynchronous one runs on the communication stream and hands back its event.
 
         `outputs` is filled by the body with tensors to protect; on exit it holds the
         `EventOverlap` as its last element."""
@@ -298,9 +302,16 @@ class Buffer:
             outputs.append(EventOverlap(None))
             return
         compute_stream = torch.cuda.current_stream()
+        previous = previous_event.event if previous_event is not None else None
+        if not async_finish:
+            if previous is not None:
+                compute_stream.wait_event(previous)
+            yield
+            outputs.append(EventOverlap(None))
+            return
         comm_stream = self._comm_stream
-        if previous_event is not None and previous_event.event is not None:
-            comm_stream.wait_event(previous_event.event)
+        if previous is not None:
+            comm_stream.wait_event(previous)
         else:
             comm_stream.wait_stream(compute_stream)
         with torch.cuda.stream(comm_stream):
@@ -308,13 +319,9 @@ class Buffer:
         tensors = [t for t in outputs if isinstance(t, torch.Tensor)]
         for tensor in tensors:  # allocated on the comm stream, used on the compute stream
             tensor.record_stream(compute_stream)
-        if async_finish:
-            event = torch.cuda.Event()
-            event.record(comm_stream)
-            outputs.append(EventOverlap(event, tensors))
-        else:
-            compute_stream.wait_stream(comm_stream)
-            outputs.append(EventOverlap(None))
+        event = torch.cuda.Event()
+        event.record(comm_stream)
+        outputs.append(EventOverlap(event, tensors))
 
     @staticmethod
     def _protect_inputs(async_finish: bool, device: torch.device, *tensors) -> None:
@@ -339,6 +346,11 @@ class Buffer:
         Args:
             topk_idx: `[N, K]` int64 expert ids, -1 for an empty slot.
             num_experts: E, a multiple of the group size.
+            previous_event, async_finish: order the call after `previous_event` (else after the
+                current stream's work); with `async_finish`, run it on the comm stream and return
+                an event to wait for instead of ordering the current stream after it.
+            allocate_on_comm_stream: accepted for compatibility and unused: outputs are always
+                safe to use on the current stream once the call (or its event) has completed.
 
         Returns:
             `(num_tokens_per_rank [R] int32, num_tokens_per_rdma_rank [R/ranks_per_node] int32
@@ -348,7 +360,7 @@ class Buffer:
         check.check_topk_idx(topk_idx, num_experts, self.group_size)
         backend = self._router.normal(topk_idx.device)
         outputs: list = []
-        with self._on_comm_stream(topk_idx.device, previous_event, async_finish, outputs):
+        with self._ordered(topk_idx.device, previous_event, async_finish, outputs):
             layout = backend.get_dispatch_layout(LayoutRequest(topk_idx, num_experts))
             outputs += [layout.num_tokens_per_rank, layout.num_tokens_per_expert, layout.is_token_in_rank]
         return (
@@ -389,6 +401,11 @@ class Buffer:
             expert_alignment: round each per-expert count up to this multiple.
             num_worst_tokens: if > 0, size the outputs to this many rows and skip the host sync
                 (CUDA-graph capturable); the per-expert list is then empty.
+            previous_event, async_finish: order the call after `previous_event` (else after the
+                current stream's work); with `async_finish`, run it on the comm stream and return
+                an event to wait for instead of ordering the current stream after it.
+            allocate_on_comm_stream: accepted for compatibility and unused: outputs are always
+                safe to use on the current stream once the call (or its event) has completed.
 
         Returns:
             `(recv_x, recv_topk_idx, recv_topk_weights, num_recv_tokens_per_expert_list, handle,
@@ -445,7 +462,7 @@ class Buffer:
 
         self._protect_inputs(async_finish, device, payload, scales, topk_idx, topk_weights)
         outputs: list = []
-        with self._on_comm_stream(device, previous_event, async_finish, outputs):
+        with self._ordered(device, previous_event, async_finish, outputs):
             result = backend.dispatch(request)
             outputs += [result.recv_x, result.recv_scales, result.recv_topk_idx, result.recv_topk_weights]
         event = outputs[-1]
@@ -519,6 +536,11 @@ class Buffer:
             handle: the dispatch's handle.
             topk_weights: `[num_recv_rows, K]` float32, summed the same way (optional).
             bias: None, a `[N, H]` bf16 tensor, or a tuple of up to two, added to the result.
+            previous_event, async_finish: order the call after `previous_event` (else after the
+                current stream's work); with `async_finish`, run it on the comm stream and return
+                an event to wait for instead of ordering the current stream after it.
+            allocate_on_comm_stream: accepted for compatibility and unused: outputs are always
+                safe to use on the current stream once the call (or its event) has completed.
 
         Returns:
             `(combined_x [N, H] bf16, combined_topk_weights [N, K] float32 or None, event)`. The
@@ -548,7 +570,7 @@ class Buffer:
 
         self._protect_inputs(async_finish, x.device, x, topk_weights, *biases)
         outputs: list = []
-        with self._on_comm_stream(x.device, previous_event, async_finish, outputs):
+        with self._ordered(x.device, previous_event, async_finish, outputs):
             result = backend.combine(request)
             outputs += [result.combined_x, result.combined_topk_weights]
         return result.combined_x, result.combined_topk_weights, outputs[-1]
@@ -639,7 +661,7 @@ class Buffer:
         )
         backend = self._router.low_latency(x.device)
         outputs: list = []
-        with self._on_comm_stream(x.device, None, async_finish, outputs):
+        with self._ordered(x.device, None, async_finish, outputs):
             result = backend.dispatch(request)
             outputs += [result.recv_x, result.recv_scales, result.recv_count]
         recv_x = (result.recv_x, result.recv_scales) if use_fp8 else result.recv_x
@@ -748,7 +770,7 @@ class Buffer:
             num_sms=self._kernel_num_sms(None, Buffer.get_combine_config),
         )
         outputs: list = []
-        with self._on_comm_stream(x.device, None, async_finish, outputs):
+        with self._ordered(x.device, None, async_finish, outputs):
             result = backend.combine(request)
             outputs.append(result.combined_x)
         return result.combined_x, outputs[-1], self._hook(result.receive, x.device)
