@@ -1,10 +1,20 @@
 """Build script: the Python package, plus the CUDA extension `deepep_megatron._C` where it can be
-built (torch with CUDA and nvcc present). Elsewhere the package installs without it and the
-portable backend serves.
+built against the torch already installed. Elsewhere the pure-Python package installs, with one
+line saying why and how to build, and the portable backend serves.
+
+Building the extension needs torch importable at build time, so pip must not isolate the build:
+
+    pip install --no-build-isolation -e .
+
+With build isolation (plain `pip install .`), pip's build environment has no torch: the extension
+is skipped, never pulled in against a torch you did not choose.
 
 Environment:
-    DEEPEP_MEGATRON_BUILD_EXT=0|1   force skipping / building the extension (default: auto)
+    DEEPEP_MEGATRON_BUILD_EXT=0|1   skip the extension / make any failure to build it an error
+                                    (default: auto, build where torch has CUDA and nvcc exists,
+                                    and install without it, saying why, where that fails)
     TORCH_CUDA_ARCH_LIST            default "9.0" (Hopper)
+    CUDA_HOME                       the toolkit with nvcc (torch's default lookup otherwise)
     NVSHMEM_DIR                     NVSHMEM install; otherwise the pip package nvidia-nvshmem-cu13
                                     is used if present. Without NVSHMEM only intranode kernels build.
 """
@@ -19,10 +29,24 @@ import sys
 from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+CHOICE = os.environ.get("DEEPEP_MEGATRON_BUILD_EXT", "auto")
+HOW_TO_BUILD = (
+    "to build it, install torch and run `pip install --no-build-isolation -e .` "
+    "(DEEPEP_MEGATRON_BUILD_EXT=1 makes a failed build an error)"
+)
 
 
 def log(message: str) -> None:
-    print(f"deepep_megatron setup: {message}", file=sys.stderr)
+    print(f"deepep_megatron setup: {message}", file=sys.stderr, flush=True)
+
+
+def skip_extension(reason: str) -> tuple[list, dict]:
+    """The pure-Python package, with one line that says why and how to build (an error where the
+    extension was required)."""
+    if CHOICE == "1":
+        raise RuntimeError(f"deepep_megatron setup: DEEPEP_MEGATRON_BUILD_EXT=1 but {reason}")
+    log(f"CUDA extension not built ({reason}); installing the pure-Python package; {HOW_TO_BUILD}")
+    return [], {}
 
 
 def find_nvshmem() -> str | None:
@@ -46,34 +70,47 @@ def pip_cuda_include_dirs() -> list[str]:
     return sorted(set(dirs))
 
 
-def extension_modules():
-    choice = os.environ.get("DEEPEP_MEGATRON_BUILD_EXT", "auto")
-    if choice == "0":
+def extension_sources() -> list[str]:
+    """Every .cpp and .cu under csrc/, by folder: a new family's folder needs no edit here."""
+    found = glob.glob("csrc/**/*.cpp", recursive=True) + glob.glob("csrc/**/*.cu", recursive=True)
+    return sorted(found)
+
+
+def optional_build_ext(base):
+    """`base` (torch's BuildExtension) that, in auto mode, turns a failed compile into the
+    pure-Python install with the one line, instead of a failed install."""
+
+    class OptionalBuildExt(base):
+        def run(self):
+            try:
+                super().run()
+            except Exception as error:  # a compiler error, a missing header, ninja failing
+                if CHOICE == "1":
+                    raise
+                first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+                skip_extension(f"the build failed: {first_line}")
+                # Nothing to install or link: the package is pure Python from here on.
+                self.extensions = []
+                self.distribution.ext_modules = []
+
+    return OptionalBuildExt
+
+
+def extension_modules() -> tuple[list, dict]:
+    if CHOICE == "0":
         log("DEEPEP_MEGATRON_BUILD_EXT=0: skipping the CUDA extension (portable backend only)")
         return [], {}
     try:
         import torch
         from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CUDAExtension
     except ImportError:
-        log("torch is not importable at build time: skipping the CUDA extension (portable backend only)")
-        return [], {}
-    if (
-        torch.version.cuda is None
-        or CUDA_HOME is None
-        or shutil.which("nvcc", path=os.path.join(CUDA_HOME, "bin")) is None
-    ):
-        message = (
-            "torch has no CUDA or nvcc was not found: skipping the CUDA extension (portable backend only)"
-        )
-        if choice == "1":
-            raise RuntimeError(message)
-        log(message)
-        return [], {}
+        return skip_extension("torch is not importable at build time, as in pip's isolated build environment")
+    if torch.version.cuda is None:
+        return skip_extension(f"torch {torch.__version__} has no CUDA")
+    if CUDA_HOME is None or shutil.which("nvcc", path=os.path.join(CUDA_HOME, "bin")) is None:
+        return skip_extension("nvcc was not found (set CUDA_HOME)")
 
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0")
-    sources = ["csrc/bindings.cpp", "csrc/runtime.cpp", "csrc/arena.cpp"] + sorted(
-        glob.glob("csrc/kernels/*.cu")
-    )
     include_dirs = [os.path.join(ROOT, "csrc"), *pip_cuda_include_dirs()]
     cxx_flags = ["-O3", "-std=c++17", "-Wno-unused-function"]
     nvcc_flags = [
@@ -96,14 +133,13 @@ def extension_modules():
     log(f"building the CUDA extension for TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']}")
     extension = CUDAExtension(
         name="deepep_megatron._C",
-        sources=sources,
+        sources=extension_sources(),
         include_dirs=include_dirs,
         define_macros=define_macros,
         extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
     )
-    return [extension], {
-        "build_ext": BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)
-    }
+    build_ext = BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)
+    return [extension], {"build_ext": optional_build_ext(build_ext)}
 
 
 ext_modules, cmdclass = extension_modules()

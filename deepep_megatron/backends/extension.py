@@ -15,7 +15,10 @@ def _load():
     try:
         import deepep_megatron._C as _C
     except ImportError as error:  # not built on this machine
-        return None, f"the compiled extension is not built ({error})"
+        return None, (
+            f"the compiled extension is not built ({error}); "
+            "build it with `pip install --no-build-isolation -e .`"
+        )
     disagree = [
         f"{name}: extension {getattr(_C, name, 'missing')}, Python {getattr(limits, name)}"
         for name in _SHARED_LIMITS

@@ -95,19 +95,19 @@ class IntranodeBackend:
     def dispatch(self, request: DispatchRequest) -> DispatchResult:
         if request.is_cached:
             return self._dispatch_cached(request)
-        outputs = self.runtime.dispatch(
-            request.x,
-            request.scales,
-            request.topk_idx,
-            request.topk_weights,
-            request.is_token_in_rank,
-            request.num_tokens_per_expert,
-            None,
-            None,
-            0,
-            request.num_worst_tokens,
-            request.expert_alignment,
-            request.num_sms,
+        outputs = self.runtime.dispatch_fresh(
+            _args(
+                extension.module.FreshDispatchArgs,
+                x=request.x,
+                scales=request.scales,
+                topk_idx=request.topk_idx,
+                topk_weights=request.topk_weights,
+                is_token_in_rank=request.is_token_in_rank,
+                num_tokens_per_expert=request.num_tokens_per_expert,
+                num_worst_tokens=request.num_worst_tokens,
+                expert_alignment=request.expert_alignment,
+                num_sms=request.num_sms,
+            )
         )
         self._note_copy_out(outputs)
         handle = DispatchHandle(
@@ -129,19 +129,17 @@ class IntranodeBackend:
 
     def _dispatch_cached(self, request: DispatchRequest) -> DispatchResult:
         handle = request.handle
-        outputs = self.runtime.dispatch(
-            request.x,
-            request.scales,
-            None,
-            None,
-            None,
-            None,
-            handle.num_tokens_matrix,
-            handle.send_slot,
-            handle.num_recv_rows,
-            handle.backend_state,
-            1,
-            request.num_sms,
+        outputs = self.runtime.dispatch_cached(
+            _args(
+                extension.module.CachedDispatchArgs,
+                x=request.x,
+                scales=request.scales,
+                count_matrix=handle.num_tokens_matrix,
+                send_slot=handle.send_slot,
+                num_recv_rows=handle.num_recv_rows,
+                num_worst_tokens=handle.backend_state,
+                num_sms=request.num_sms,
+            )
         )
         self._note_copy_out(outputs)
         return DispatchResult(outputs.recv_x, outputs.recv_scales, None, None, handle)
@@ -163,14 +161,25 @@ class IntranodeBackend:
     def combine(self, request: CombineRequest) -> CombineResult:
         biases = request.biases
         handle = request.handle
-        combined_x, combined_weights = self.runtime.combine(
-            request.x,
-            request.topk_weights,
-            biases[0] if len(biases) > 0 else None,
-            biases[1] if len(biases) > 1 else None,
-            handle.send_slot,
-            handle.num_tokens_matrix,
-            handle.num_tokens,
-            request.num_sms,
+        outputs = self.runtime.combine(
+            _args(
+                extension.module.CombineArgs,
+                x=request.x,
+                topk_weights=request.topk_weights,
+                bias0=biases[0] if len(biases) > 0 else None,
+                bias1=biases[1] if len(biases) > 1 else None,
+                send_slot=handle.send_slot,
+                count_matrix=handle.num_tokens_matrix,
+                num_tokens=handle.num_tokens,
+                num_sms=request.num_sms,
+            )
         )
-        return CombineResult(combined_x, combined_weights)
+        return CombineResult(outputs.combined_x, outputs.combined_weights)
+
+
+def _args(cls, **fields):
+    """An argument struct of the extension (`_C.FreshDispatchArgs`, ...) with its fields set by name."""
+    args = cls()
+    for name, value in fields.items():
+        setattr(args, name, value)
+    return args

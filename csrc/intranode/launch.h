@@ -1,11 +1,11 @@
-// Host-side entry points of the kernels. Each launches on `stream` and checks the launch.
+// Host-side entry points of the intranode kernels. Each launches on `stream` and checks the launch.
 #pragma once
 
 #include <cuda_runtime.h>
 
-#include "params.h"
+#include "intranode/params.h"
 
-namespace deepep_megatron {
+namespace deepep_megatron::intranode {
 
 constexpr int kDispatchThreads = 512;
 constexpr int kCombineThreads = 512;
@@ -16,4 +16,4 @@ void launch_notify(const NotifyParams& params, cudaStream_t stream);
 void launch_dispatch(const DispatchParams& params, int num_blocks, cudaStream_t stream);
 void launch_combine(const CombineParams& params, int num_blocks, cudaStream_t stream);
 
-}  // namespace deepep_megatron
+}  // namespace deepep_megatron::intranode

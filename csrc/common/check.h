@@ -1,4 +1,4 @@
-// Error checking for CUDA runtime calls on the host.
+// Host-side checks: CUDA runtime calls and arguments.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -13,6 +13,11 @@ inline void cuda_check(cudaError_t status, const char* what, const char* file, i
         throw std::runtime_error(std::string("deepep_megatron: ") + what + " failed at " + file + ":" +
                                  std::to_string(line) + ": " + cudaGetErrorString(status));
     }
+}
+
+// An argument check: raises std::invalid_argument (a Python ValueError) with `message`.
+inline void require(bool condition, const std::string& message) {
+    if (!condition) throw std::invalid_argument("deepep_megatron: " + message);
 }
 
 }  // namespace deepep_megatron

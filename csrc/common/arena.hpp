@@ -18,7 +18,7 @@
 namespace deepep_megatron {
 
 class Arena : public std::enable_shared_from_this<Arena> {
-public:
+  public:
     // `owner` keeps the region alive while any block is in use.
     Arena(size_t begin, size_t end, int device, std::shared_ptr<void> owner);
     ~Arena();
@@ -31,7 +31,7 @@ public:
     bool contains(size_t offset) const { return offset >= begin_ && offset < end_; }
     size_t bytes_in_use() const;
 
-private:
+  private:
     void wait_for_pending_frees(cudaStream_t stream);
 
     size_t begin_, end_;
@@ -44,7 +44,7 @@ private:
 
 // One allocation; tensors viewing it share ownership through a shared_ptr to this object.
 class ArenaBlock {
-public:
+  public:
     ArenaBlock(std::shared_ptr<Arena> arena, size_t offset, size_t bytes)
         : arena_(std::move(arena)), offset_(offset), bytes_(bytes) {}
     ~ArenaBlock() { arena_->release(offset_, bytes_); }
@@ -52,7 +52,7 @@ public:
     ArenaBlock(const ArenaBlock&) = delete;
     ArenaBlock& operator=(const ArenaBlock&) = delete;
 
-private:
+  private:
     std::shared_ptr<Arena> arena_;
     size_t offset_, bytes_;
 };

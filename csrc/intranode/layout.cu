@@ -1,10 +1,10 @@
 // get_dispatch_layout: which ranks each token goes to, and how many tokens each rank and each
 // expert gets. One thread per token; counts are gathered in shared memory first so that global
 // atomics happen once per block and counter.
-#include "check.h"
-#include "launch.h"
+#include "common/check.h"
+#include "intranode/launch.h"
 
-namespace deepep_megatron {
+namespace deepep_megatron::intranode {
 
 namespace {
 
@@ -50,7 +50,8 @@ __global__ void __launch_bounds__(kLayoutThreads) layout_kernel(LayoutParams p) 
 void launch_layout(const LayoutParams& params, cudaStream_t stream) {
     if (params.num_tokens == 0) return;  // outputs are already zero
     const int blocks = (params.num_tokens + kLayoutThreads - 1) / kLayoutThreads;
-    const int shared_ints = params.num_ranks + (params.num_experts <= kMaxSharedExperts ? params.num_experts : 0);
+    const int shared_ints =
+        params.num_ranks + (params.num_experts <= kMaxSharedExperts ? params.num_experts : 0);
     const size_t shared_bytes = static_cast<size_t>(shared_ints) * sizeof(int);
     if (shared_bytes > 48 * 1024) {
         DEEPEP_CUDA_CHECK(cudaFuncSetAttribute(layout_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
@@ -60,4 +61,4 @@ void launch_layout(const LayoutParams& params, cudaStream_t stream) {
     DEEPEP_CUDA_CHECK(cudaGetLastError());
 }
 
-}  // namespace deepep_megatron
+}  // namespace deepep_megatron::intranode

@@ -1,9 +1,9 @@
-#include "arena.hpp"
+#include "common/arena.hpp"
 
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
-#include "kernels/params.h"
+#include "common/limits.h"
 
 namespace deepep_megatron {
 

@@ -41,8 +41,8 @@ __device__ __forceinline__ int load_peer(const int* address) {
 // bf16 <-> fp32 for packed words. The reduction adds in fp32 and rounds once at the end
 // (round-to-nearest-even, like torch's .to(torch.bfloat16)).
 __device__ __forceinline__ void accumulate_bf16(float* acc, const int4& v) {
-    const uint32_t words[4] = {static_cast<uint32_t>(v.x), static_cast<uint32_t>(v.y), static_cast<uint32_t>(v.z),
-                               static_cast<uint32_t>(v.w)};
+    const uint32_t words[4] = {static_cast<uint32_t>(v.x), static_cast<uint32_t>(v.y),
+                               static_cast<uint32_t>(v.z), static_cast<uint32_t>(v.w)};
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
         acc[2 * i] += __uint_as_float(words[i] << 16);
@@ -61,9 +61,12 @@ __device__ __forceinline__ uint32_t pack_bf16x2(float low, float high) {
     return lo | (hi << 16);
 }
 __device__ __forceinline__ int4 pack_bf16(const float* acc, int4*) {
-    return make_int4(static_cast<int>(pack_bf16x2(acc[0], acc[1])), static_cast<int>(pack_bf16x2(acc[2], acc[3])),
-                     static_cast<int>(pack_bf16x2(acc[4], acc[5])), static_cast<int>(pack_bf16x2(acc[6], acc[7])));
+    return make_int4(
+        static_cast<int>(pack_bf16x2(acc[0], acc[1])), static_cast<int>(pack_bf16x2(acc[2], acc[3])),
+        static_cast<int>(pack_bf16x2(acc[4], acc[5])), static_cast<int>(pack_bf16x2(acc[6], acc[7])));
 }
-__device__ __forceinline__ int pack_bf16(const float* acc, int*) { return static_cast<int>(pack_bf16x2(acc[0], acc[1])); }
+__device__ __forceinline__ int pack_bf16(const float* acc, int*) {
+    return static_cast<int>(pack_bf16x2(acc[0], acc[1]));
+}
 
 }  // namespace deepep_megatron

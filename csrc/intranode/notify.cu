@@ -6,11 +6,14 @@
 // device memory and this rank's receive counts to host-mapped memory for the host sync.
 #include <cub/block/block_scan.cuh>
 
-#include "check.h"
-#include "launch.h"
-#include "sync.cuh"
+#include "common/check.h"
+#include "device/memory_order.cuh"
+#include "device/wait.cuh"
+#include "intranode/launch.h"
+#include "intranode/phases.h"
+#include "intranode/signals.cuh"
 
-namespace deepep_megatron {
+namespace deepep_megatron::intranode {
 
 namespace {
 
@@ -43,8 +46,8 @@ __device__ void announce_counts(const NotifyParams& p, const int* send_counts, i
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     if (warp >= p.num_ranks) return;
     const int peer = warp;
-    auto* peer_signals = reinterpret_cast<SignalArea*>(p.peers.base[peer]);
-    CountSlot* slot = &peer_signals->count_slots[epoch & 1][p.wait.rank];
+    auto* peer_signals = reinterpret_cast<NvlinkSignalArea*>(p.group.peers.base[peer]);
+    CountSlot* slot = &peer_signals->count_slots[epoch & 1][p.group.wait.rank];
     for (int i = lane; i < p.num_ranks; i += 32) slot->tokens_to_rank[i] = send_counts[i];
     const int* experts = p.num_tokens_per_expert + peer * p.experts_per_rank;
     for (int i = lane; i < p.experts_per_rank; i += 32) slot->tokens_per_local_expert[i] = experts[i];
@@ -53,44 +56,53 @@ __device__ void announce_counts(const NotifyParams& p, const int* send_counts, i
     if (lane == 0) store_release_system(&slot->epoch, epoch);
 }
 
-__global__ void __launch_bounds__(kNotifyThreads, 1) notify_kernel(NotifyParams p) {
-    __shared__ CountScan::TempStorage scan_storage;
-    __shared__ int send_counts[kMaxRanks];
-    __shared__ int all_arrived;
-    SignalArea* local = p.wait.local_signals;
-    const int epoch = current_epoch(local);
-    const int R = p.num_ranks;
-
-    number_tokens_per_destination(p, scan_storage, send_counts);
-    announce_counts(p, send_counts, epoch);
-
-    if (threadIdx.x == 0) all_arrived = 1;
-    __syncthreads();
-    if (threadIdx.x < R) {
+// Thread `src` (< R) waits for rank src's announcement. True in every thread once all arrived.
+__device__ bool wait_for_announcements(const NotifyParams& p, int epoch) {
+    bool arrived = true;
+    if (threadIdx.x < p.num_ranks) {
         const int src = threadIdx.x;
-        if (!wait_epoch(&local->count_slots[epoch & 1][src].epoch, epoch, p.wait, kPhaseNotifyCounts, src))
-            all_arrived = 0;
+        arrived = wait_epoch(&p.group.signals->count_slots[epoch & 1][src].epoch, epoch, p.group.wait,
+                             kPhaseNotifyCounts, src);
     }
-    __syncthreads();
-    if (!all_arrived) return;  // the host finds the timeout record and raises
+    return __syncthreads_and(arrived) != 0;
+}
 
-    const CountSlot* slots = local->count_slots[epoch & 1];
-    for (int i = threadIdx.x; i < R * R; i += blockDim.x) p.count_matrix[i] = slots[i / R].tokens_to_rank[i % R];
+// The count matrix to device memory, this rank's receive counts to the host, then the ticket the
+// host waits for (after a system fence, so the host never reads counts older than the ticket).
+__device__ void publish_counts(const NotifyParams& p, int epoch) {
+    const int R = p.num_ranks;
+    Mailbox* mailbox = p.group.mailbox;
+    const CountSlot* slots = p.group.signals->count_slots[epoch & 1];
+    for (int i = threadIdx.x; i < R * R; i += blockDim.x)
+        p.count_matrix[i] = slots[i / R].tokens_to_rank[i % R];
     for (int expert = threadIdx.x; expert < p.experts_per_rank; expert += blockDim.x) {
         int total = 0;
         for (int src = 0; src < R; ++src) total += slots[src].tokens_per_local_expert[expert];
-        p.wait.mailbox->tokens_per_local_expert[expert] = total;
+        mailbox->tokens_per_local_expert[expert] = total;
     }
     if (threadIdx.x == 0) {
         int received = 0;
-        for (int src = 0; src < R; ++src) received += slots[src].tokens_to_rank[p.wait.rank];
-        p.wait.mailbox->num_recv_tokens = received;
+        for (int src = 0; src < R; ++src) received += slots[src].tokens_to_rank[p.group.wait.rank];
+        mailbox->num_recv_tokens = received;
     }
     __syncthreads();
     if (threadIdx.x == 0) {
         __threadfence_system();
-        p.wait.mailbox->notify_ticket = p.host_ticket;
+        mailbox->notify_ticket = p.host_ticket;
     }
+}
+
+__global__ void __launch_bounds__(kNotifyThreads, 1) notify_kernel(NotifyParams p) {
+    __shared__ CountScan::TempStorage scan_storage;
+    __shared__ int send_counts[MAX_RANKS_PER_NODE];
+    const int epoch = current_epoch(p.group.signals);
+    // A group that already gave up: no counts, no ticket; the host finds the record and raises.
+    if (__syncthreads_or(threadIdx.x == 0 && abort_seen_at_start(p.group.wait, kPhaseNotifyStart))) return;
+
+    number_tokens_per_destination(p, scan_storage, send_counts);
+    announce_counts(p, send_counts, epoch);
+    if (!wait_for_announcements(p, epoch)) return;  // the host finds the timeout record and raises
+    publish_counts(p, epoch);
 }
 
 }  // namespace
@@ -100,4 +112,4 @@ void launch_notify(const NotifyParams& params, cudaStream_t stream) {
     DEEPEP_CUDA_CHECK(cudaGetLastError());
 }
 
-}  // namespace deepep_megatron
+}  // namespace deepep_megatron::intranode

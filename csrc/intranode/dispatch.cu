@@ -4,58 +4,44 @@
 // Protocol for one epoch, per block:
 //   A. block 0 tells every rank where this rank's receive block lies (packed epoch + offset);
 //   B. each block learns where every destination's receive block lies;
-//   C. warps copy tokens: one read of the row, one 16-byte store per destination, metadata;
+//   C. warps copy tokens: one read of the row, one vector store per destination, metadata;
 //   D. the block releases a per-(src, block) completion flag at every destination;
 //   E. the block waits until the same block of every source has completed, so the kernel ends
 //      only when this rank's receive block is full.
-#include "check.h"
-#include "copy.cuh"
-#include "launch.h"
-#include "sync.cuh"
+#include "common/check.h"
+#include "device/memory_order.cuh"
+#include "device/peer_exchange.cuh"
+#include "device/token_loop.cuh"
+#include "device/vector_copy.cuh"
+#include "intranode/launch.h"
+#include "intranode/phases.h"
+#include "intranode/signals.cuh"
 
-namespace deepep_megatron {
+namespace deepep_megatron::intranode {
 
 namespace {
 
 constexpr int kDispatchUnroll = 4;
 
 struct Destinations {
-    size_t block_offset[kMaxRanks];   // receive block, relative to the peer's region base
-    int first_row[kMaxRanks];         // row of this rank's first token in that block
-    int num_rows[kMaxRanks];          // rows of that block
-    RecvBlockLayout layout[kMaxRanks];
+    size_t block_offset[MAX_RANKS_PER_NODE];  // receive block, relative to the peer's region base
+    int first_row[MAX_RANKS_PER_NODE];        // row of this rank's first token in that block
+    int num_rows[MAX_RANKS_PER_NODE];         // rows of that block
+    RecvBlockLayout layout[MAX_RANKS_PER_NODE];
 };
 
-// Step A.
-__device__ void publish_receive_block(const DispatchParams& p, int epoch) {
-    if (blockIdx.x != 0 || threadIdx.x >= p.num_ranks) return;
-    auto* peer_signals = reinterpret_cast<SignalArea*>(p.peers.base[threadIdx.x]);
-    store_release_system(&peer_signals->recv_offset[p.wait.rank], pack_offset(epoch, p.my_recv_offset));
-}
-
-// Step B. Returns false if a wait gave up.
-__device__ bool learn_destinations(const DispatchParams& p, int epoch, Destinations& dst, int& ok) {
-    if (threadIdx.x == 0) ok = 1;
-    __syncthreads();
-    if (threadIdx.x < p.num_ranks) {
-        const int peer = threadIdx.x, R = p.num_ranks;
-        size_t offset = 0;
-        if (!wait_offset(&p.wait.local_signals->recv_offset[peer], epoch, p.wait, kPhaseDispatchOffsets, peer, &offset))
-            ok = 0;
-        int rows = 0, first_row = 0;
-        for (int src = 0; src < R; ++src) {
-            const int count = p.count_matrix[src * R + peer];
-            rows += count;
-            if (src < p.wait.rank) first_row += count;
-        }
-        if (p.num_worst_tokens > 0) rows = p.num_worst_tokens;
-        dst.block_offset[peer] = offset;
-        dst.first_row[peer] = first_row;
-        dst.num_rows[peer] = rows;
-        dst.layout[peer] = recv_block_layout(rows, p.row_bytes, p.num_scales, p.num_topk);
-    }
-    __syncthreads();
-    return ok != 0;
+// Step B, thread `peer`: where the peer's receive block lies and where this rank's rows start.
+__device__ bool learn_destination(const DispatchParams& p, int epoch, int peer, Destinations& dst) {
+    size_t offset = 0;
+    const bool arrived = wait_offset(&p.group.signals->recv_offset[peer], epoch, p.group.wait,
+                                     kPhaseDispatchOffsets, peer, &offset);
+    const RowsInBlock rows = rows_in_block(p.count_matrix, p.num_ranks, p.group.wait.rank, peer);
+    const int num_rows = p.num_worst_tokens > 0 ? p.num_worst_tokens : rows.total;
+    dst.block_offset[peer] = offset;
+    dst.first_row[peer] = rows.first;
+    dst.num_rows[peer] = num_rows;
+    dst.layout[peer] = recv_block_layout(num_rows, p.row_bytes, p.num_scales, p.num_topk);
+    return arrived;
 }
 
 // Step C for one token's payload: each lane moves kDispatchUnroll vectors per round, loaded
@@ -70,7 +56,7 @@ __device__ void copy_row(const Vec* source, Vec* const* targets, int num_ranks, 
             if (i < num_vectors) values[u] = load_streaming(source + i);
         }
 #pragma unroll
-        for (int r = 0; r < kMaxRanks; ++r) {
+        for (int r = 0; r < MAX_RANKS_PER_NODE; ++r) {
             if (r >= num_ranks || targets[r] == nullptr) continue;
 #pragma unroll
             for (int u = 0; u < kDispatchUnroll; ++u) {
@@ -82,14 +68,15 @@ __device__ void copy_row(const Vec* source, Vec* const* targets, int num_ranks, 
 }
 
 // Step C for one token's scales and metadata (top-k remapped to the destination's local ids).
-__device__ void copy_token_metadata(const DispatchParams& p, const Destinations& dst, int token, const int* rows,
-                                    int lane) {
+__device__ void copy_token_metadata(const DispatchParams& p, const Destinations& dst, int token,
+                                    const int* rows, int lane) {
     for (int r = 0; r < p.num_ranks; ++r) {
         if (rows[r] < 0) continue;
-        uint8_t* block = p.peers.base[r] + dst.block_offset[r];
+        uint8_t* block = p.group.peers.base[r] + dst.block_offset[r];
         const int64_t row = rows[r];
         if (p.scales != nullptr) {
-            const int* source = reinterpret_cast<const int*>(p.scales) + static_cast<int64_t>(token) * p.num_scales;
+            const int* source =
+                reinterpret_cast<const int*>(p.scales) + static_cast<int64_t>(token) * p.num_scales;
             int* target = reinterpret_cast<int*>(block + dst.layout[r].scales_offset) + row * p.num_scales;
             for (int i = lane; i < p.num_scales; i += 32) target[i] = load_streaming(source + i);
         }
@@ -97,7 +84,8 @@ __device__ void copy_token_metadata(const DispatchParams& p, const Destinations&
             const int64_t expert = p.topk_idx[static_cast<int64_t>(token) * p.num_topk + lane];
             int64_t local = expert - static_cast<int64_t>(r) * p.experts_per_rank;
             const bool mine = expert >= 0 && local >= 0 && local < p.experts_per_rank;
-            reinterpret_cast<int64_t*>(block + dst.layout[r].topk_idx_offset)[row * p.num_topk + lane] = mine ? local : -1;
+            reinterpret_cast<int64_t*>(block + dst.layout[r].topk_idx_offset)[row * p.num_topk + lane] =
+                mine ? local : -1;
             if (p.topk_weights != nullptr) {
                 const float weight = p.topk_weights[static_cast<int64_t>(token) * p.num_topk + lane];
                 reinterpret_cast<float*>(block + dst.layout[r].topk_weights_offset)[row * p.num_topk + lane] =
@@ -108,52 +96,55 @@ __device__ void copy_token_metadata(const DispatchParams& p, const Destinations&
     }
 }
 
+// Step C for the tokens of this warp.
 template <typename Vec>
 __device__ void send_tokens(const DispatchParams& p, const Destinations& dst) {
-    const int lane = threadIdx.x % 32;
-    const int warps_per_block = blockDim.x / 32;
-    const int first_warp = blockIdx.x * warps_per_block + threadIdx.x / 32;
-    const int total_warps = gridDim.x * warps_per_block;
+    const int lane = lane_id();
     const int num_vectors = p.row_bytes / static_cast<int>(sizeof(Vec));
-    for (int token = first_warp; token < p.num_tokens; token += total_warps) {
-        // Lane r reads the slot for destination r; the warp shares them.
-        const int my_slot = lane < p.num_ranks ? p.send_slot[static_cast<int64_t>(token) * p.num_ranks + lane] : -1;
-        int rows[kMaxRanks];
-        Vec* targets[kMaxRanks];
+    for_each_token_of_warp(p.num_tokens, [&](int token) {
+        const TokenSlots slots = load_token_slots(p.send_slot, token, p.num_ranks, lane);
+        int rows[MAX_RANKS_PER_NODE];
+        Vec* targets[MAX_RANKS_PER_NODE];
 #pragma unroll
-        for (int r = 0; r < kMaxRanks; ++r) {
-            int slot = __shfl_sync(0xffffffffu, my_slot, r);
+        for (int r = 0; r < MAX_RANKS_PER_NODE; ++r) {
+            int slot = slots.of(r);
             if (slot >= 0 && dst.first_row[r] + slot >= dst.num_rows[r]) {
                 // More rows than num_worst_tokens: drop the token rather than write past the
                 // block, and tell the host, which raises.
-                if (lane == 0) atomicMax(const_cast<int*>(&p.wait.mailbox->overflow_rows), dst.first_row[r] + slot + 1);
+                if (lane == 0)
+                    atomicMax(const_cast<int*>(&p.group.mailbox->overflow_rows), dst.first_row[r] + slot + 1);
                 slot = -1;
             }
             rows[r] = slot >= 0 ? dst.first_row[r] + slot : -1;
             targets[r] = nullptr;
             if (r < p.num_ranks && slot >= 0) {
-                uint8_t* block = p.peers.base[r] + dst.block_offset[r] + dst.layout[r].x_offset;
+                uint8_t* block = p.group.peers.base[r] + dst.block_offset[r] + dst.layout[r].x_offset;
                 targets[r] = reinterpret_cast<Vec*>(block + static_cast<int64_t>(rows[r]) * p.row_bytes);
             }
         }
         const Vec* source = reinterpret_cast<const Vec*>(p.x + static_cast<int64_t>(token) * p.row_bytes);
         copy_row(source, targets, p.num_ranks, num_vectors, lane);
         copy_token_metadata(p, dst, token, rows, lane);
-    }
+    });
 }
 
 template <typename Vec>
 __global__ void __launch_bounds__(kDispatchThreads, 1) dispatch_kernel(DispatchParams p) {
     __shared__ Destinations dst;
-    __shared__ int ok;
-    const int epoch = current_epoch(p.wait.local_signals);
-    publish_receive_block(p, epoch);
-    if (learn_destinations(p, epoch, dst, ok)) {
+    const int epoch = current_epoch(p.group.signals);
+    publish_offset_to_peers(p.group.peers, p.num_ranks, p.group.wait.rank, &NvlinkSignalArea::recv_offset,
+                            epoch,
+                            p.my_recv_offset);  // step A
+    const bool learnt = learn_from_every_peer(p.group.wait, p.num_ranks, kPhaseDispatchStart, [&](int peer) {
+        return learn_destination(p, epoch, peer, dst);
+    });
+    if (learnt) {
         send_tokens<Vec>(p, dst);
         fence_system();  // this block's rows are visible before its completion flag (steps D, E)
-        handshake_with_peers(&SignalArea::dispatch_done, p.peers, p.num_ranks, epoch, p.wait, kPhaseDispatchData);
+        handshake_with_peers(&NvlinkSignalArea::dispatch_done, p.group, p.num_ranks, epoch,
+                             kPhaseDispatchData);
     }
-    finish_operation(p.wait.local_signals);
+    finish_operation(p.group.signals);
 }
 
 }  // namespace
@@ -167,4 +158,4 @@ void launch_dispatch(const DispatchParams& params, int num_blocks, cudaStream_t 
     DEEPEP_CUDA_CHECK(cudaGetLastError());
 }
 
-}  // namespace deepep_megatron
+}  // namespace deepep_megatron::intranode

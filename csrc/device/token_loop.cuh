@@ -1,0 +1,34 @@
+// The warp-per-token loop of the data kernels: each warp of the grid owns whole tokens (warp w
+// takes tokens w, w + W, w + 2W, ... where W is the number of warps in the grid), and a token's
+// destinations come from its row of send_slot ([N, R] int32, -1 = not sent to that rank).
+#pragma once
+
+#include <cstdint>
+
+namespace deepep_megatron {
+
+__device__ __forceinline__ int lane_id() {
+    return static_cast<int>(threadIdx.x % 32);
+}
+
+// Calls `body(token)` for every token this warp owns; all lanes of the warp take part.
+template <typename Body>
+__device__ __forceinline__ void for_each_token_of_warp(int num_tokens, Body body) {
+    const int warps_per_block = blockDim.x / 32;
+    const int first_warp = blockIdx.x * warps_per_block + threadIdx.x / 32;
+    const int total_warps = gridDim.x * warps_per_block;
+    for (int token = first_warp; token < num_tokens; token += total_warps) body(token);
+}
+
+// A token's send_slot row, spread over the warp: lane r loads the slot for rank r once, and any
+// lane reads rank r's slot by a shuffle (every lane must call `of` together).
+struct TokenSlots {
+    int lane_slot;
+    __device__ __forceinline__ int of(int rank) const { return __shfl_sync(0xffffffffu, lane_slot, rank); }
+};
+__device__ __forceinline__ TokenSlots load_token_slots(const int* send_slot, int token, int num_ranks,
+                                                       int lane) {
+    return TokenSlots{lane < num_ranks ? send_slot[static_cast<int64_t>(token) * num_ranks + lane] : -1};
+}
+
+}  // namespace deepep_megatron
