@@ -31,13 +31,21 @@ from setuptools import setup
 ROOT = os.path.dirname(os.path.abspath(__file__))
 CHOICE = os.environ.get("DEEPEP_MEGATRON_BUILD_EXT", "auto")
 HOW_TO_BUILD = (
-    "to build it, install torch and run `pip install --no-build-isolation -e .` "
-    "(DEEPEP_MEGATRON_BUILD_EXT=1 makes a failed build an error)"
+    "to build it, run `pip install --no-build-isolation -e .` where torch with CUDA and nvcc are "
+    "installed (DEEPEP_MEGATRON_BUILD_EXT=1 makes a failed build an error)"
 )
 
 
+# pip runs setup.py once per build step; the steps that only read metadata stay quiet, so the
+# build says what it decided once.
+METADATA_ONLY = {"egg_info", "dist_info", "sdist"}
+BUILDS = {"build", "build_ext", "bdist_wheel", "editable_wheel", "develop", "install"}
+QUIET = bool(METADATA_ONLY & set(sys.argv)) and not BUILDS & set(sys.argv)
+
+
 def log(message: str) -> None:
-    print(f"deepep_megatron setup: {message}", file=sys.stderr, flush=True)
+    if not QUIET:
+        print(f"deepep_megatron setup: {message}", file=sys.stderr, flush=True)
 
 
 def skip_extension(reason: str) -> tuple[list, dict]:

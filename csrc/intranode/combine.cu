@@ -22,6 +22,8 @@ namespace deepep_megatron::intranode {
 namespace {
 
 constexpr int kCombineChunks = 2;  // vectors per lane in flight, per source rank
+// Lane k of a token's warp sums top-k weight k.
+static_assert(MAX_TOPK <= 32, "one lane per top-k slot");
 
 struct Sources {
     const uint8_t* x[MAX_RANKS_PER_NODE];      // each rank's combine input rows

@@ -22,6 +22,8 @@ namespace deepep_megatron::intranode {
 namespace {
 
 constexpr int kDispatchUnroll = 4;
+// Lane k of a token's warp copies top-k slot k.
+static_assert(MAX_TOPK <= 32, "one lane per top-k slot");
 
 struct Destinations {
     size_t block_offset[MAX_RANKS_PER_NODE];  // receive block, relative to the peer's region base

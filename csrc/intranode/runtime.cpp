@@ -128,6 +128,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> Runtime::layout(const at::Tensor&
 
 DispatchOutputs Runtime::dispatch_fresh(const FreshDispatchArgs& args) {
     check_launch(args.num_sms);
+    require(args.x.defined() && args.is_token_in_rank.defined() && args.num_tokens_per_expert.defined(),
+            "a fresh dispatch needs x, is_token_in_rank and num_tokens_per_expert");
     cudaStream_t stream = at::cuda::getCurrentCUDAStream().stream();
     DispatchInputs in{args.x.contiguous()};
     if (args.scales) in.scales = args.scales->contiguous();
@@ -158,6 +160,8 @@ DispatchOutputs Runtime::dispatch_fresh(const FreshDispatchArgs& args) {
 
 DispatchOutputs Runtime::dispatch_cached(const CachedDispatchArgs& args) {
     check_launch(args.num_sms);
+    require(args.x.defined() && args.count_matrix.defined() && args.send_slot.defined(),
+            "a cached dispatch needs x and the handle's count_matrix and send_slot");
     cudaStream_t stream = at::cuda::getCurrentCUDAStream().stream();
     DispatchInputs in{args.x.contiguous()};
     if (args.scales) in.scales = args.scales->contiguous();
@@ -220,6 +224,7 @@ void Runtime::read_receive_counts(int experts_per_rank, int64_t expert_alignment
 DispatchOutputs Runtime::run_dispatch(const DispatchInputs& in, DispatchOutputs out, cudaStream_t stream) {
     const int num_scales = in.scales ? static_cast<int>(in.scales->size(1)) : 0;
     const int num_topk = in.topk_idx ? static_cast<int>(in.topk_idx->size(1)) : 0;
+    require(num_topk <= MAX_TOPK, "top-k is at most " + std::to_string(MAX_TOPK));
     const int row_bytes = static_cast<int>(in.x.size(1) * in.x.element_size());
     const ReceiveBlock block = take_receive_block(
         recv_block_layout(static_cast<int>(in.num_rows), row_bytes, num_scales, num_topk), stream);
@@ -336,6 +341,10 @@ size_t Runtime::place_in_region(const at::Tensor& tensor, size_t staging_offset,
 
 CombineOutputs Runtime::combine(const CombineArgs& args) {
     check_launch(args.num_sms);
+    require(args.x.defined() && args.send_slot.defined() && args.count_matrix.defined(),
+            "a combine needs x and the handle's send_slot and count_matrix");
+    require(!args.topk_weights || args.topk_weights->size(1) <= MAX_TOPK,
+            "top-k is at most " + std::to_string(MAX_TOPK));
     cudaStream_t stream = at::cuda::getCurrentCUDAStream().stream();
     const at::Tensor& x = args.x;
     const int64_t hidden = x.size(1);
