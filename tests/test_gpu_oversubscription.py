@@ -78,3 +78,74 @@ def test_eight_ranks_on_one_gpu_with_default_settings_complete():
         assert result["correct"]
         assert len(result["clamp_warnings"]) == 1, result["clamp_warnings"]  # one warning per Buffer
         assert f"run on {num_sms // NUM_RANKS} SMs per rank instead of 20" in result["clamp_warnings"][0]
+
+
+TIMEOUT_S = 5
+
+
+def _unclamped_round_trips() -> dict:
+    """Three round trips on 20 SMs per rank, the clamp bypassed (160 blocks for 132 SMs, so not
+    every block is resident): they must complete, or raise TimeoutError on every rank, within the
+    timeout plus the host's margin, never hang."""
+    import time
+
+    import torch.distributed as dist
+
+    from deepep_megatron import Buffer, Config
+    from deepep_megatron.testing.reference import make_rank_inputs
+
+    rank, num_ranks = dist.get_rank(), dist.get_world_size()
+    num_tokens, hidden, num_experts = 256, 1024, 4 * num_ranks
+    inputs = make_rank_inputs(5, rank, num_tokens, hidden, num_experts, 4)
+    x, topk_idx = inputs.x.cuda(), inputs.topk_idx.cuda()
+    hint = Config(num_max_tokens_per_rank=num_tokens).get_nvl_buffer_size_hint(hidden * 2, num_ranks)
+    buffer = Buffer(dist.group.WORLD, num_nvl_bytes=hint)
+    buffer._kernel_num_sms = lambda config, default: 20  # what the clamp prevents
+    start = time.monotonic()
+    outcome, correct = "completed", None
+    try:
+        for _ in range(3):
+            per_rank, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(topk_idx, num_experts)
+            recv_x, _, _, _, handle, _ = buffer.dispatch(
+                x, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert
+            )
+            combined, _, _ = buffer.combine(recv_x, handle)
+        torch.cuda.synchronize()
+        buffer.get_dispatch_layout(topk_idx, num_experts)  # an aborted combine surfaces here
+        correct = torch.equal(combined, (x.float() * in_rank.sum(1, keepdim=True).float()).to(torch.bfloat16))
+    except TimeoutError as error:
+        outcome = str(error)
+    elapsed = time.monotonic() - start
+    later_call_raises = None  # after a timeout, every call raises before it launches
+    if outcome != "completed":
+        try:
+            buffer.get_dispatch_layout(topk_idx, num_experts)
+            later_call_raises = False
+        except TimeoutError:
+            later_call_raises = True
+    torch.cuda.synchronize()  # every kernel of this rank has ended
+    return {"outcome": outcome, "correct": correct, "elapsed": elapsed, "later_raises": later_call_raises}
+
+
+def test_oversubscribed_blocks_complete_or_time_out_on_every_rank_in_time():
+    from deepep_megatron.launch import start_mps_daemon
+    from deepep_megatron.testing.rank_pool import RankPool
+
+    daemon = start_mps_daemon()
+    env = {"DEEPEP_MEGATRON_SHARE_GPU": "1", "DEEPEP_MEGATRON_TIMEOUT_S": str(TIMEOUT_S), **daemon.env}
+    pool = RankPool(NUM_RANKS, device="cuda", env=env)
+    try:
+        results = pool.run(_unclamped_round_trips, timeout=180)
+    finally:
+        pool.close()
+        daemon.stop()
+    timed_out = [r for r in results if r["outcome"] != "completed"]
+    # One operation's waits share one deadline and a timeout aborts the whole group, so the slowest
+    # rank ends within the timeout plus the host margin (5 s) plus the round trips that completed.
+    assert max(r["elapsed"] for r in results) < 3 * TIMEOUT_S + 10, results
+    if timed_out:
+        assert len(timed_out) == NUM_RANKS, results  # the abort reaches every rank
+        assert all("timed out" in r["outcome"] for r in timed_out), results
+        assert all(r["later_raises"] for r in timed_out), results
+    else:
+        assert all(r["correct"] for r in results), results

@@ -5,6 +5,7 @@
 
 #include <atomic>
 #include <chrono>
+#include <sstream>
 #include <thread>
 
 #include "common/check.h"
@@ -196,15 +197,20 @@ void Runtime::launch_count_exchange(const FreshDispatchArgs& args, const at::Ten
 // The one host sync of a fresh dispatch. Bounded by the device-side timeout plus a margin (see
 // device/wait.cuh for why the whole call then ends in time); a device-side record wins.
 void Runtime::wait_for_count_exchange() {
-    const auto deadline =
-        std::chrono::steady_clock::now() + std::chrono::nanoseconds(timeout_ns_) + kHostWaitMargin;
+    const auto start = std::chrono::steady_clock::now();
+    const auto deadline = start + std::chrono::nanoseconds(timeout_ns_) + kHostWaitMargin;
     Mailbox* mailbox = mailbox_.host();
     while (mailbox->notify_ticket != host_ticket_) {
         if (mailbox->timeout.written)
             fail(describe_timeout(mailbox->timeout, static_cast<double>(timeout_ns_) / 1e9));
-        if (std::chrono::steady_clock::now() > deadline)
-            fail("deepep_megatron: rank " + std::to_string(rank_) +
-                 ": the count exchange did not finish in time (is the stream blocked?)");
+        if (std::chrono::steady_clock::now() > deadline) {
+            std::ostringstream message;
+            message << "deepep_megatron: rank " << rank_ << " timed out after "
+                    << std::chrono::duration<double>(deadline - start).count()
+                    << " s on the host waiting for the count exchange of a dispatch (did its kernel start? "
+                       "is the stream blocked?)";
+            fail(message.str());
+        }
         std::this_thread::yield();
     }
     std::atomic_thread_fence(std::memory_order_acquire);
