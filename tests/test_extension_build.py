@@ -77,3 +77,40 @@ def test_buffer_serves_cpu_tensors_with_the_portable_backend(cpu_pools):
     if not torch.cuda.is_available():
         assert result["name"] == "portable"
         assert "normal: portable backend (" in result["summary"]
+
+
+@pytest.mark.skipif(not extension.extension_available(), reason="the extension is not built here")
+def test_intranode_argument_classes_take_the_fields_the_adapter_sets():
+    """backends/intranode.py builds these by field name; a misspelt or missing field must fail
+    here, on the CPU, rather than on the first GPU dispatch."""
+    module = extension.module
+    x = torch.zeros(4, 8, dtype=torch.bfloat16)
+    fields = {
+        module.FreshDispatchArgs: dict(
+            x=x,
+            scales=None,
+            topk_idx=torch.zeros(4, 2, dtype=torch.long),
+            topk_weights=None,
+            is_token_in_rank=torch.ones(4, 2, dtype=torch.bool),
+            num_tokens_per_expert=torch.zeros(4, dtype=torch.int),
+            num_worst_tokens=0,
+            expert_alignment=1,
+            num_sms=20,
+        ),
+        module.CachedDispatchArgs: dict(
+            x=x, scales=None, count_matrix=x, send_slot=x, num_recv_rows=3, num_worst_tokens=0, num_sms=20
+        ),
+        module.CombineArgs: dict(
+            x=x, topk_weights=None, bias0=x, bias1=None, send_slot=x, count_matrix=x, num_tokens=4, num_sms=20
+        ),
+    }
+    for cls, values in fields.items():
+        args = intranode._args(cls, **values)
+        for name, value in values.items():
+            got = getattr(args, name)
+            assert torch.equal(got, value) if isinstance(value, torch.Tensor) else got == value, name
+        with pytest.raises(AttributeError):
+            args.not_a_field = 1
+    for name in ("dispatch_fresh", "dispatch_cached", "combine", "layout", "open_peers", "ipc_handle"):
+        assert hasattr(module.IntranodeRuntime, name), name
+    assert not hasattr(module.IntranodeRuntime, "check_health")  # an internal check, not an API
