@@ -21,9 +21,13 @@ namespace deepep_megatron::intranode {
 
 namespace {
 
-constexpr int kDispatchUnroll = 4;
-// Lane k of a token's warp copies top-k slot k.
-static_assert(MAX_TOPK <= 32, "one lane per top-k slot");
+// Vectors each lane has in flight per round of a row copy. The copy is bound by how many bytes
+// are in flight (the loads' latency, not bandwidth, limits a warp), so more is better until the
+// registers run out: 8 x 16 bytes keeps the kernel within 128 registers at 512 threads.
+constexpr int kDispatchUnroll = 8;
+// Scales each lane keeps in registers (one token's scales: hidden <= 16384 at 128 channels per
+// scale); a longer row's remaining scales are copied straight from memory.
+constexpr int kScalesPerLane = 4;
 
 struct Destinations {
     size_t block_offset[MAX_RANKS_PER_NODE];  // receive block, relative to the peer's region base
@@ -69,30 +73,59 @@ __device__ void copy_row(const Vec* source, Vec* const* targets, int num_ranks, 
     }
 }
 
-// Step C for one token's scales and metadata (top-k remapped to the destination's local ids).
-__device__ void copy_token_metadata(const DispatchParams& p, const Destinations& dst, int token,
-                                    const int* rows, int lane) {
+// Step C, one token's scales and top-k as this lane holds them. They are loaded once, before the
+// payload, so that their latency overlaps the payload's, and stored to every destination from
+// registers (loading them per destination put several dependent round trips on every token).
+struct TokenMetadata {
+    int scales[kScalesPerLane];  // the token's scales lane, lane + 32, ... (raw float32 bits)
+    int64_t expert;              // lane < num_topk: the global expert id of top-k slot `lane`
+    float weight;                // its weight (0 without weights)
+};
+
+__device__ __forceinline__ TokenMetadata load_token_metadata(const DispatchParams& p, int token, int lane) {
+    TokenMetadata meta;
+    if (p.scales != nullptr) {
+        const int* source = reinterpret_cast<const int*>(p.scales) + static_cast<int64_t>(token) * p.num_scales;
+#pragma unroll
+        for (int j = 0; j < kScalesPerLane; ++j) {
+            const int i = lane + 32 * j;
+            if (i < p.num_scales) meta.scales[j] = load_streaming(source + i);
+        }
+    }
+    const int64_t slot = static_cast<int64_t>(token) * p.num_topk + lane;
+    const bool has_slot = p.topk_idx != nullptr && lane < p.num_topk;
+    meta.expert = has_slot ? p.topk_idx[slot] : -1;
+    meta.weight = has_slot && p.topk_weights != nullptr ? p.topk_weights[slot] : 0.0f;
+    return meta;
+}
+
+// Step C for one token's scales and metadata at every destination (top-k remapped to the
+// destination's local expert ids, -1 and weight 0 for other ranks' experts).
+__device__ void store_token_metadata(const DispatchParams& p, const Destinations& dst, int token,
+                                     const TokenMetadata& meta, const int* rows, int lane) {
     for (int r = 0; r < p.num_ranks; ++r) {
         if (rows[r] < 0) continue;
         uint8_t* block = p.group.peers.base[r] + dst.block_offset[r];
         const int64_t row = rows[r];
         if (p.scales != nullptr) {
+            int* target = reinterpret_cast<int*>(block + dst.layout[r].scales_offset) + row * p.num_scales;
+#pragma unroll
+            for (int j = 0; j < kScalesPerLane; ++j) {
+                const int i = lane + 32 * j;
+                if (i < p.num_scales) target[i] = meta.scales[j];
+            }
             const int* source =
                 reinterpret_cast<const int*>(p.scales) + static_cast<int64_t>(token) * p.num_scales;
-            int* target = reinterpret_cast<int*>(block + dst.layout[r].scales_offset) + row * p.num_scales;
-            for (int i = lane; i < p.num_scales; i += 32) target[i] = load_streaming(source + i);
+            for (int i = lane + 32 * kScalesPerLane; i < p.num_scales; i += 32) target[i] = load_streaming(source + i);
         }
         if (p.topk_idx != nullptr && lane < p.num_topk) {
-            const int64_t expert = p.topk_idx[static_cast<int64_t>(token) * p.num_topk + lane];
-            int64_t local = expert - static_cast<int64_t>(r) * p.experts_per_rank;
-            const bool mine = expert >= 0 && local >= 0 && local < p.experts_per_rank;
+            const int64_t local = meta.expert - static_cast<int64_t>(r) * p.experts_per_rank;
+            const bool mine = meta.expert >= 0 && local >= 0 && local < p.experts_per_rank;
             reinterpret_cast<int64_t*>(block + dst.layout[r].topk_idx_offset)[row * p.num_topk + lane] =
                 mine ? local : -1;
-            if (p.topk_weights != nullptr) {
-                const float weight = p.topk_weights[static_cast<int64_t>(token) * p.num_topk + lane];
+            if (p.topk_weights != nullptr)
                 reinterpret_cast<float*>(block + dst.layout[r].topk_weights_offset)[row * p.num_topk + lane] =
-                    mine ? weight : 0.0f;
-            }
+                    mine ? meta.weight : 0.0f;
         }
         if (lane == 0) reinterpret_cast<int*>(block + dst.layout[r].src_idx_offset)[row] = token;
     }
@@ -124,9 +157,10 @@ __device__ void send_tokens(const DispatchParams& p, const Destinations& dst) {
                 targets[r] = reinterpret_cast<Vec*>(block + static_cast<int64_t>(rows[r]) * p.row_bytes);
             }
         }
+        const TokenMetadata meta = load_token_metadata(p, token, lane);
         const Vec* source = reinterpret_cast<const Vec*>(p.x + static_cast<int64_t>(token) * p.row_bytes);
         copy_row(source, targets, p.num_ranks, num_vectors, lane);
-        copy_token_metadata(p, dst, token, rows, lane);
+        store_token_metadata(p, dst, token, meta, rows, lane);
     });
 }
 
