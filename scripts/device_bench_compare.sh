@@ -7,17 +7,19 @@
 #
 # BASE_DIR: a copy of the baseline sources (e.g. `git archive <rev> | tar -x -C .stage-base`,
 # carried to the GPU machine). ROUNDS (default 1): how many times each variant runs per pair, so
-# run-to-run noise shows. JSON per run and a summary table go to $OUT (default ./gpu_out).
+# run-to-run noise shows. The summary table goes to $OUT/compare.md and every run's log to
+# $OUT/compare_runs.log (default ./gpu_out); the per-run JSON stays in $BENCH_DIR (/tmp/bench).
 set -uo pipefail
 base=${1:?usage: device_bench_compare.sh BASE_DIR [ROUNDS]}
 rounds=${2:-1}
 OUT=${OUT:-$PWD/gpu_out}
-mkdir -p "$OUT"
+BENCH_DIR=${BENCH_DIR:-/tmp/bench}
+mkdir -p "$OUT" "$BENCH_DIR"
 export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=9.0
 
-build() {  # build the extension in place in $1, logging to $OUT/build_$2.log
-  (cd "$1" && MAX_JOBS=8 python3 setup.py build_ext --inplace -j 8 >"$OUT/build_$2.log" 2>&1) ||
-    { echo "build of $2 failed"; tail -30 "$OUT/build_$2.log"; return 1; }
+build() {  # build the extension in place in $1, logging to $BENCH_DIR/build_$2.log
+  (cd "$1" && MAX_JOBS=8 python3 setup.py build_ext --inplace -j 8 >"$BENCH_DIR/build_$2.log" 2>&1) ||
+    { echo "build of $2 failed"; tail -30 "$BENCH_DIR/build_$2.log"; return 1; }
 }
 start=$(date +%s)
 build "$base" base & base_pid=$!
@@ -32,19 +34,20 @@ for round in $(seq 1 "$rounds"); do
     ranks=${pair%%:*} sms=${pair#*:}
     for variant in base new; do
       dir=$PWD; [ $variant = base ] && dir=$base
+      name=bench_${variant}_r${ranks}_s${sms}_${round}
       (cd "$dir" && PYTHONPATH=$dir timeout 300 python3 -m deepep_megatron.bench --nproc "$ranks" \
-        --num-sms "$sms" --routing random --json "$OUT/bench_${variant}_r${ranks}_s${sms}_${round}.json") \
-        >"$OUT/bench_${variant}_r${ranks}_s${sms}_${round}.log" 2>&1 ||
-        { echo "bench $variant R=$ranks SMs=$sms failed"; tail -20 "$OUT/bench_${variant}_r${ranks}_s${sms}_${round}.log"; }
+        --num-sms "$sms" --routing random --json "$BENCH_DIR/$name.json") >"$BENCH_DIR/$name.log" 2>&1 ||
+        { echo "bench $variant R=$ranks SMs=$sms failed"; tail -20 "$BENCH_DIR/$name.log"; }
+      { echo "=== $name"; cat "$BENCH_DIR/$name.log"; } >>"$OUT/compare_runs.log"
     done
   done
 done
 
-python3 - "$OUT" <<'PY'
+python3 - "$OUT" "$BENCH_DIR" <<'PY'
 import glob, json, os, sys
-out = sys.argv[1]
+out, bench_dir = sys.argv[1], sys.argv[2]
 rows = {}
-for path in sorted(glob.glob(os.path.join(out, "bench_*.json"))):
+for path in sorted(glob.glob(os.path.join(bench_dir, "bench_*.json"))):
     variant, r, s, rnd = os.path.basename(path)[6:-5].split("_")
     report = json.load(open(path))
     for row in report["results"]:

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The project's tests, set up from scratch: create/refresh .venv (scripts/setup_env.sh), then
-# ruff check and pytest over tests/ (quiet). Tests marked `gpu` skip themselves without a GPU.
+# ruff check, clang-format (dry run over csrc/) and pytest over tests/ (quiet). Tests marked `gpu` skip themselves without a GPU.
 # Extra arguments go to pytest. Both always run; the script exits non-zero if either fails.
 # pytest's exit code 5 ("no tests collected", e.g. a -k filter that matches nothing) is success.
 set -euo pipefail
@@ -12,6 +12,12 @@ VENV=${DEEPEP_MEGATRON_VENV:-.venv}
 echo "run_tests: ruff check"
 ruff_status=0
 "$VENV/bin/ruff" check . || ruff_status=$?
+
+echo "run_tests: clang-format (csrc/)"
+format_status=0
+find csrc -name '*.cu' -o -name '*.cuh' -o -name '*.h' -o -name '*.hpp' -o -name '*.cpp' |
+  xargs "$VENV/bin/clang-format" --dry-run --Werror || format_status=$?
+[ "$ruff_status" -ne 0 ] || ruff_status=$format_status
 
 echo "run_tests: pytest"
 pytest_status=0

@@ -43,14 +43,21 @@ def _ordering_case(use_previous_event: bool) -> dict:
     torch.cuda.synchronize()
     dist.barrier()
 
-    # The producer: x is written on a side stream, after a long sleep.
-    x = torch.zeros_like(true_x)
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        torch.cuda._sleep(SLEEP_CYCLES)
-        x.copy_(true_x)
-        produced = Buffer.capture()  # an event on the side stream
+    def produce_late(value: torch.Tensor) -> tuple[torch.Tensor, object]:
+        """`value` copied into a fresh tensor on a side stream after a long sleep, and the side
+        stream's event (captured there)."""
+        out = torch.zeros_like(value)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            torch.cuda._sleep(SLEEP_CYCLES)
+            out.copy_(value)
+            produced = Buffer.capture()
+        out.record_stream(side)
+        return out, produced
+
+    # Fresh dispatch (it syncs the host once for the counts, after the event).
+    x, produced = produce_late(true_x)
     recv_x, _, _, _, handle, event = buffer.dispatch(
         x,
         num_tokens_per_rank=per_rank,
@@ -59,9 +66,16 @@ def _ordering_case(use_previous_event: bool) -> dict:
         previous_event=produced if use_previous_event else None,
         async_finish=True,
     )
-    pending_after_call = event.event is not None and not event.event.query()
     event.current_stream_wait()
     received = recv_x.clone()  # on the current stream, after the event
+    # Cached dispatch: no host sync at all, so the call returns while it still waits.
+    x, produced = produce_late(true_x)
+    cached, _, _, _, _, cached_event = buffer.dispatch(
+        x, handle=handle, previous_event=produced if use_previous_event else None, async_finish=True
+    )
+    pending_after_call = cached_event.event is not None and not cached_event.event.query()
+    cached_event.current_stream_wait()
+    cached = cached.clone()
     combined, _, combine_event = buffer.combine(recv_x, handle, async_finish=True)
     combine_event.current_stream_wait()
     reached = in_rank.sum(1, keepdim=True).float()
@@ -69,6 +83,7 @@ def _ordering_case(use_previous_event: bool) -> dict:
     torch.cuda.synchronize()
     return {
         "dispatch_ok": torch.equal(received, reference),
+        "cached_ok": torch.equal(cached, reference),
         "combine_ok": combined_ok,
         "pending_after_call": pending_after_call,
     }
@@ -93,8 +108,9 @@ def pool():
 
 def test_previous_event_orders_dispatch_after_another_stream(pool):
     for result in pool.run(_ordering_case, True):
-        assert result["pending_after_call"], "async_finish returned after the work was already done"
         assert result["dispatch_ok"], "dispatch read x before the producer's event"
+        assert result["cached_ok"], "cached dispatch read x before the producer's event"
+        assert result["pending_after_call"], "an async cached dispatch did not return before its work ended"
         assert result["combine_ok"]
 
 
@@ -103,3 +119,4 @@ def test_without_the_event_the_dispatch_reads_stale_input(pool):
     shows the ordering test above measures something."""
     results = pool.run(_ordering_case, False)
     assert not all(r["dispatch_ok"] for r in results)
+    assert not all(r["cached_ok"] for r in results)

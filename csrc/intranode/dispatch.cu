@@ -85,7 +85,8 @@ struct TokenMetadata {
 __device__ __forceinline__ TokenMetadata load_token_metadata(const DispatchParams& p, int token, int lane) {
     TokenMetadata meta;
     if (p.scales != nullptr) {
-        const int* source = reinterpret_cast<const int*>(p.scales) + static_cast<int64_t>(token) * p.num_scales;
+        const int* source =
+            reinterpret_cast<const int*>(p.scales) + static_cast<int64_t>(token) * p.num_scales;
 #pragma unroll
         for (int j = 0; j < kScalesPerLane; ++j) {
             const int i = lane + 32 * j;
@@ -116,7 +117,8 @@ __device__ void store_token_metadata(const DispatchParams& p, const Destinations
             }
             const int* source =
                 reinterpret_cast<const int*>(p.scales) + static_cast<int64_t>(token) * p.num_scales;
-            for (int i = lane + 32 * kScalesPerLane; i < p.num_scales; i += 32) target[i] = load_streaming(source + i);
+            for (int i = lane + 32 * kScalesPerLane; i < p.num_scales; i += 32)
+                target[i] = load_streaming(source + i);
         }
         if (p.topk_idx != nullptr && lane < p.num_topk) {
             const int64_t local = meta.expert - static_cast<int64_t>(r) * p.experts_per_rank;
@@ -131,18 +133,27 @@ __device__ void store_token_metadata(const DispatchParams& p, const Destinations
     }
 }
 
+// What a warp loads of a token ahead of copying it.
+struct TokenAhead {
+    TokenSlots slots;
+    TokenMetadata meta;
+};
+
 // Step C for the tokens of this warp.
 template <typename Vec>
 __device__ void send_tokens(const DispatchParams& p, const Destinations& dst) {
     const int lane = lane_id();
     const int num_vectors = p.row_bytes / static_cast<int>(sizeof(Vec));
-    for_each_token_of_warp(p.num_tokens, [&](int token) {
-        const TokenSlots slots = load_token_slots(p.send_slot, token, p.num_ranks, lane);
+    auto prefetch = [&](int token) {
+        return TokenAhead{load_token_slots(p.send_slot, token, p.num_ranks, lane),
+                          load_token_metadata(p, token, lane)};
+    };
+    for_each_token_of_warp_prefetched(p.num_tokens, prefetch, [&](int token, const TokenAhead& ahead) {
         int rows[MAX_RANKS_PER_NODE];
         Vec* targets[MAX_RANKS_PER_NODE];
 #pragma unroll
         for (int r = 0; r < MAX_RANKS_PER_NODE; ++r) {
-            int slot = slots.of(r);
+            int slot = ahead.slots.of(r);
             if (slot >= 0 && dst.first_row[r] + slot >= dst.num_rows[r]) {
                 // More rows than num_worst_tokens: drop the token rather than write past the
                 // block, and tell the host, which raises.
@@ -157,10 +168,9 @@ __device__ void send_tokens(const DispatchParams& p, const Destinations& dst) {
                 targets[r] = reinterpret_cast<Vec*>(block + static_cast<int64_t>(rows[r]) * p.row_bytes);
             }
         }
-        const TokenMetadata meta = load_token_metadata(p, token, lane);
         const Vec* source = reinterpret_cast<const Vec*>(p.x + static_cast<int64_t>(token) * p.row_bytes);
         copy_row(source, targets, p.num_ranks, num_vectors, lane);
-        store_token_metadata(p, dst, token, meta, rows, lane);
+        store_token_metadata(p, dst, token, ahead.meta, rows, lane);
     });
 }
 
