@@ -139,13 +139,13 @@ def test_oversubscribed_blocks_complete_or_time_out_on_every_rank_in_time():
     finally:
         pool.close()
         daemon.stop()
-    timed_out = [r for r in results if r["outcome"] != "completed"]
-    # One operation's waits share one deadline and a timeout aborts the whole group, so the slowest
-    # rank ends within the timeout plus the host margin (5 s) plus the round trips that completed.
+    # Every wait of an operation shares one deadline, so each rank ends within the timeout plus
+    # the host margin (5 s) plus the round trips that completed before; each outcome is either a
+    # correct result or a TimeoutError, after which the buffer refuses every call.
     assert max(r["elapsed"] for r in results) < 3 * TIMEOUT_S + 10, results
-    if timed_out:
-        assert len(timed_out) == NUM_RANKS, results  # the abort reaches every rank
-        assert all("timed out" in r["outcome"] for r in timed_out), results
-        assert all(r["later_raises"] for r in timed_out), results
-    else:
-        assert all(r["correct"] for r in results), results
+    for result in results:
+        if result["outcome"] == "completed":
+            assert result["correct"], results
+        else:
+            assert "timed out" in result["outcome"], results
+            assert result["later_raises"], results

@@ -8,10 +8,12 @@
 //   blocks that start late because not all blocks fit on the GPU at once, the dispatch kernel
 //   after its count exchange) measures from that stamp. So waits in sequence share one timeout
 //   instead of adding up, and a block that starts late gets no fresh one.
-// - A timeout ends the whole group's operation, not one rank's: the wait that times out sets the
-//   abort word in every rank's signal area (all peers are mapped), so the other ranks' waits give
-//   up at their next poll instead of each waiting out its own timeout in turn (without this,
-//   R ranks whose blocks are not all resident can chain R timeouts one after the other).
+// - A timeout ends the rank's operation: the wait that times out sets the abort word in this
+//   rank's own signal area, so this rank's other blocks (those running and those that start late)
+//   give up at once instead of each waiting out the deadline. Peers are not written: a wait times
+//   out precisely when a peer may be gone, and a store into a departed peer's freed region faults
+//   the GPU context (under MPS that tears the process down). Every rank's waits are bounded by
+//   its own operation deadline, so the group still ends within one timeout.
 // - The abort word is never cleared. Blocks that start after it was set, and kernels queued
 //   behind the failed one on the stream, see it before their first wait and exit at once; the
 //   host refuses every later call of the buffer (it reads the record before it launches).
@@ -59,13 +61,11 @@ __device__ __forceinline__ int aborted_by(const WaitContext& ctx) {
     return load_volatile(&ctx.local->abort) - 1;
 }
 
-// A wait of this rank timed out: record it and tell every rank of the group (this one too) to give up.
+// A wait of this rank timed out: record it and tell this rank's other blocks to give up.
 __device__ __forceinline__ void report_timeout(const WaitContext& ctx, int phase, int peer, int expected,
                                                int seen) {
     record_give_up(ctx, phase, peer, expected, seen, ctx.rank);
-#pragma unroll
-    for (int r = 0; r < MAX_RANKS_PER_NODE; ++r)
-        if (ctx.group[r] != nullptr) store_release_system(&ctx.group[r]->abort, ctx.rank + 1);
+    store_release_system(&ctx.local->abort, ctx.rank + 1);
 }
 
 // Called by one thread of a block before the block's first wait: true when the group has already

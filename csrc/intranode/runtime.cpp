@@ -92,10 +92,6 @@ GroupParams Runtime::group_params() const {
     group.signals = reinterpret_cast<NvlinkSignalArea*>(region_.base());
     group.mailbox = mailbox_.device();
     group.wait.local = &group.signals->wait;
-    for (int peer = 0; peer < num_ranks_; ++peer) {
-        auto* peer_signals = reinterpret_cast<NvlinkSignalArea*>(group.peers.base[peer]);
-        if (peer_signals != nullptr) group.wait.group[peer] = &peer_signals->wait;
-    }
     group.wait.record = &mailbox_.device()->timeout;
     group.wait.timeout_ns = timeout_ns_;
     group.wait.rank = rank_;
