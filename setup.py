@@ -17,6 +17,7 @@ Environment:
     CUDA_HOME                       the toolkit with nvcc (torch's default lookup otherwise)
     NVSHMEM_DIR                     NVSHMEM install; otherwise the pip package nvidia-nvshmem-cu13
                                     is used if present. Without NVSHMEM only intranode kernels build.
+    DEEPEP_MEGATRON_EXTENSIONS      which modules to build, comma-separated (default "_C,_nvshmem")
 """
 
 from __future__ import annotations
@@ -79,9 +80,10 @@ def pip_cuda_include_dirs() -> list[str]:
 
 
 def extension_sources() -> list[str]:
-    """Every .cpp and .cu under csrc/, by folder: a new family's folder needs no edit here."""
+    """Every .cpp and .cu under csrc/, by folder: a new family's folder needs no edit here. The
+    NVSHMEM families' sources (`nvshmem_sources`) build into their own module."""
     found = glob.glob("csrc/**/*.cpp", recursive=True) + glob.glob("csrc/**/*.cu", recursive=True)
-    return sorted(found)
+    return sorted(set(found) - set(nvshmem_sources()))
 
 
 def optional_build_ext(base):
@@ -129,8 +131,8 @@ def extension_modules() -> tuple[list, dict]:
     define_macros = []
     nvshmem = find_nvshmem()
     if nvshmem is not None:
-        # Detected and recorded; the kernels that use NVSHMEM (internode, low-latency) are not in
-        # this build yet, so nothing is linked against it.
+        # Recorded for _C; the kernels that use NVSHMEM build into their own module (below), so
+        # _C links nothing of it.
         define_macros.append(("DEEPEP_MEGATRON_HAS_NVSHMEM", None))
         include_dirs.append(os.path.join(nvshmem, "include"))
         # CUDA 13: host code that includes NVSHMEM headers needs CCCL on the include path.
@@ -146,8 +148,91 @@ def extension_modules() -> tuple[list, dict]:
         define_macros=define_macros,
         extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
     )
-    build_ext = BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)
-    return [extension], {"build_ext": optional_build_ext(build_ext)}
+    wanted = os.environ.get("DEEPEP_MEGATRON_EXTENSIONS", "_C,_nvshmem").split(",")
+    extensions = [extension] if "_C" in wanted else []
+    if nvshmem is not None and "_nvshmem" in wanted:
+        if shutil.which("ninja") is None:
+            log("ninja not found: skipping the NVSHMEM kernels (their device link step needs it)")
+        else:
+            extensions.append(nvshmem_extension(CUDAExtension, nvshmem, CUDA_HOME, cxx_flags, nvcc_flags))
+    build_ext = serial_build_ext(BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None))
+    return extensions, {"build_ext": optional_build_ext(build_ext)}
+
+
+# ---------------------------------------------------------------- NVSHMEM families (`_nvshmem`)
+NVSHMEM_MODULE = "deepep_megatron._nvshmem"
+TORCH_DISABLED_HALF_MACROS = (
+    "__CUDA_NO_HALF_OPERATORS__",
+    "__CUDA_NO_HALF_CONVERSIONS__",
+    "__CUDA_NO_HALF2_OPERATORS__",
+    "__CUDA_NO_BFLOAT16_CONVERSIONS__",
+)
+
+
+def nvshmem_sources() -> list[str]:
+    """The NVSHMEM families' sources: their module, the NVSHMEM transport and the family folders."""
+    found = ["csrc/nvshmem_module.cpp"]
+    for pattern in ("csrc/transport/nvshmem*", "csrc/low_latency/*"):
+        found += glob.glob(f"{pattern}.cpp") + glob.glob(f"{pattern}.cu")
+    return sorted(found)
+
+
+def serial_build_ext(base):
+    """`base` building the extensions one after the other (`build_ext -j` still compiles each
+    one's files in parallel through ninja: torch writes each extension's build.ninja into the one
+    shared build_temp, so two at once would mix their builds). In auto mode a failed NVSHMEM
+    module is skipped with one line and `_C` still installs."""
+
+    class SerialBuildExt(base):
+        def build_extensions(self):
+            self.parallel = None
+            super().build_extensions()
+
+        def build_extension(self, ext):
+            if ext.name != NVSHMEM_MODULE or CHOICE == "1":
+                return super().build_extension(ext)
+            try:
+                super().build_extension(ext)
+            except Exception as error:
+                first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+                log(f"NVSHMEM kernels not built ({first_line}); the portable backend serves low-latency mode")
+
+    return SerialBuildExt
+
+
+def nvshmem_extension(CUDAExtension, nvshmem: str, cuda_home: str, cxx_flags: list, nvcc_flags: list):
+    """`deepep_megatron._nvshmem`: the kernel families that use NVSHMEM, in their own module so that
+    `_C` never depends on NVSHMEM. Device code is relocatable (-rdc) and device-linked with
+    libnvshmem_device.a; its symbols stay hidden in this module (--exclude-libs), so the device
+    state the kernels read is this module's, not that of another NVSHMEM copy in the process (torch
+    ships one). The host library is found through an rpath."""
+    lib = os.path.join(nvshmem, "lib")
+    arch_list = os.environ["TORCH_CUDA_ARCH_LIST"].replace(";", " ").split()
+    arches = [arch.split("+")[0].replace(".", "") for arch in arch_list]
+    gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in arches]
+    return CUDAExtension(
+        name=NVSHMEM_MODULE,
+        sources=nvshmem_sources(),
+        include_dirs=[
+            os.path.join(ROOT, "csrc"),
+            os.path.join(nvshmem, "include"),
+            os.path.join(cuda_home, "include", "cccl"),
+            *pip_cuda_include_dirs(),
+        ],
+        library_dirs=[lib],
+        extra_compile_args={
+            "cxx": cxx_flags,
+            # NVSHMEM's device headers use the half/bf16 operators torch's flags switch off.
+            "nvcc": [*nvcc_flags, "-rdc=true", *(f"-U{flag}" for flag in TORCH_DISABLED_HALF_MACROS)],
+            "nvcc_dlink": ["-dlink", *gencode, f"-L{lib}", "-lnvshmem_device"],
+        },
+        extra_link_args=[
+            "-l:libnvshmem_host.so.3",
+            "-l:libnvshmem_device.a",
+            "-Wl,--exclude-libs,libnvshmem_device.a",
+            f"-Wl,-rpath,{lib}",
+        ],
+    )
 
 
 ext_modules, cmdclass = extension_modules()

@@ -18,6 +18,7 @@ import torch.distributed as dist
 
 import deepep_megatron.limits as limits
 import deepep_megatron.validation as check
+from deepep_megatron.backends import low_latency_layout
 from deepep_megatron.backends.protocols import (
     BufferSizes,
     CombineRequest,
@@ -188,15 +189,13 @@ class Buffer:
     def get_low_latency_rdma_size_hint(
         num_max_dispatch_tokens_per_rank: int, hidden: int, num_ranks: int, num_experts: int
     ) -> int:
-        """Bytes for `num_rdma_bytes` in low-latency mode: two (double-buffered) sets of a send
-        buffer for the local tokens and per-expert receive slots for every rank's tokens."""
-        dispatch_message = 16 + max(hidden * 2, hidden + hidden // limits.FP8_BLOCK_SIZE * 4)
-        combine_message = hidden * 2
-        message = max(dispatch_message, combine_message)
-        send = num_max_dispatch_tokens_per_rank * message
-        recv = num_experts * num_max_dispatch_tokens_per_rank * message
-        signals = num_experts * 8
-        return align_up(2 * (send + recv + signals), 128)
+        """Bytes for `num_rdma_bytes` in low-latency mode: what the low-latency kernels lay out
+        in symmetric memory (two banks, each with per-(expert, source) landing slots for every
+        rank's tokens, combine landing rows, staging and the zero-copy combine buffer, and
+        signals); see `backends/low_latency_layout.py`. About 1.94 GB at 128 tokens, hidden 7168,
+        256 experts, 8 ranks."""
+        hint = low_latency_layout.size_hint(num_max_dispatch_tokens_per_rank, hidden, num_ranks, num_experts)
+        return align_up(hint, 128)
 
     @staticmethod
     def is_sm90_compiled() -> bool:

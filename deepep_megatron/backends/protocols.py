@@ -59,6 +59,12 @@ class Topology:
         return self.num_nodes > 1
 
 
+class BackendUnavailable(RuntimeError):
+    """Raised by a family's `create` when it finds, while setting up collectively, that it cannot
+    serve (the router then routes to the portable backend with this reason). Every rank must reach
+    the same conclusion."""
+
+
 @dataclass(frozen=True)
 class BufferSizes:
     """What the user sized the buffer for (`Buffer`'s constructor arguments)."""

@@ -25,7 +25,13 @@ import torch.distributed as dist
 
 from deepep_megatron.backends.portable import PortableBackend
 from deepep_megatron.backends.portable_low_latency import PortableLowLatencyBackend
-from deepep_megatron.backends.protocols import BufferSizes, LowLatencyBackend, NormalBackend, Topology
+from deepep_megatron.backends.protocols import (
+    BackendUnavailable,
+    BufferSizes,
+    LowLatencyBackend,
+    NormalBackend,
+    Topology,
+)
 from deepep_megatron.handle import DispatchHandle, LowLatencyHandle
 
 PREFERENCES = ("auto", "portable", "cuda")
@@ -44,9 +50,7 @@ class Family:
 FAMILIES = {
     "intranode": Family("intranode", "deepep_megatron.backends.intranode"),
     "internode": Family("internode", None, "the internode (NVSHMEM) kernels are not part of this version"),
-    "low_latency": Family(
-        "low_latency", None, "the low-latency (NVSHMEM) kernels are not part of this version"
-    ),
+    "low_latency": Family("low_latency", "deepep_megatron.backends.low_latency"),
 }
 
 
@@ -105,7 +109,10 @@ class BackendRouter:
         reason = _compiled_unavailable_reason(family, self.topology, sizes)
         if reason is None:
             module = importlib.import_module(family.module)
-            return Route(mode, module.create(group, self.topology, sizes), family.name, None)
+            try:
+                return Route(mode, module.create(group, self.topology, sizes), family.name, None)
+            except BackendUnavailable as error:
+                reason = str(error)
         if self.preference == "cuda" and required:
             raise RuntimeError(
                 f"backend='cuda' was asked for, but the {family.name} kernels cannot serve: {reason}"

@@ -15,7 +15,11 @@ GB/s per rank = received rows x hidden x 2 bytes / median time (FP8: x (1 + 4/12
 counts the same bytes as dispatch), reported as the minimum and the mean over ranks.
 
 Low-latency mode: `low_latency_dispatch` (FP8) and `low_latency_combine` per call, in µs, with
-DeepEP's byte count per valid top-k selection (FP8 dispatch H + H/128*4 + 16, combine 2H).
+DeepEP's byte count per valid top-k selection (FP8 dispatch H + H/128*4 + 16, combine 2H), for each
+`--num-sms` (default 16). On the GPU also: the same calls replayed from CUDA graphs (GPU time
+without Python), the send and receive phases of hook mode separately, a GEMM timed alone and
+between a hook-mode send and its hook, and each time against its data-movement floor (the bytes a
+rank moves over its share of the one-GPU copy ceiling when ranks share a GPU).
 
 Timing: CUDA events around each call (GPU) or `time.perf_counter` after a barrier (CPU); at least
 10 warm-up and 30 timed calls by convention; the median per rank.

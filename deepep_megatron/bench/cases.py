@@ -261,6 +261,111 @@ def _nccl_baseline(spec: dict, is_token_in_rank, num_recv_rows: int):
     return _time_calls(fn, spec["warmup"], spec["iters"])
 
 
+def _time_graphs(functions: list, warmup: int, iters: int) -> list[list[float]]:
+    """Capture each function in its own CUDA graph (in order, so later ones may use earlier
+    ones' outputs), then replay them in turn `iters` times: seconds per replay of each."""
+    import torch
+
+    graphs = []
+    for fn in functions:
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        graphs.append(graph)
+    for _ in range(warmup):
+        for graph in graphs:
+            graph.replay()
+    events = [[torch.cuda.Event(enable_timing=True) for _ in range(len(graphs) + 1)] for _ in range(iters)]
+    _barrier()
+    for marks in events:
+        marks[0].record()
+        for graph, mark in zip(graphs, marks[1:]):
+            graph.replay()
+            mark.record()
+    torch.cuda.synchronize()
+    times = [[marks[i].elapsed_time(marks[i + 1]) / 1e3 for marks in events] for i in range(len(graphs))]
+    del graphs
+    return times
+
+
+def _time_low_latency_gpu(buffer, x, topk_idx, topk_weights, expert_out, spec: dict) -> dict:
+    """GPU-only measurements: graph replays of each call and of each hook phase, and a GEMM alone
+    and between a hook-mode send and its hook."""
+    import torch
+
+    num_tokens, num_experts = spec["num_tokens"], spec["num_experts"]
+    warmup, iters = spec["warmup"], spec["iters"]
+    times = {}
+    state: dict = {}
+
+    def dispatch(hook=False):
+        state["dispatch"] = buffer.low_latency_dispatch(
+            x, topk_idx, num_tokens, num_experts, use_fp8=True, return_recv_hook=hook
+        )
+
+    def combine(hook=False):
+        state["combine"] = buffer.low_latency_combine(
+            expert_out, topk_idx, topk_weights, state["dispatch"][2], return_recv_hook=hook
+        )
+
+    dispatch(), combine()  # outputs exist before capture
+    torch.cuda.synchronize()
+    times["ll_graph_dispatch_fp8"], times["ll_graph_combine_bf16"] = _time_graphs(
+        [dispatch, combine], warmup, iters
+    )
+    phases = _time_graphs(
+        [
+            lambda: dispatch(hook=True),
+            lambda: state["dispatch"][4](),
+            lambda: combine(hook=True),
+            lambda: state["combine"][2](),
+        ],
+        warmup,
+        iters,
+    )
+    for name, values in zip(
+        ("ll_hook_dispatch_send", "ll_hook_dispatch_recv", "ll_hook_combine_send", "ll_hook_combine_recv"),
+        phases,
+    ):
+        times[name] = values
+
+    # A GEMM on rank 0 alone (the other ranks idle), and between a hook-mode send and its hook
+    # (every rank sends, then receives once rank 0's GEMM is queued; only rank 0 computes): with
+    # nothing resident between send and hook, the GEMM should run at the same speed. Every rank
+    # reports rank 0's times.
+    is_first = _dist().get_rank() == 0
+    a = torch.randn((4096, spec["hidden"]), device=x.device).to(torch.bfloat16)
+    b = torch.randn((spec["hidden"], 4096), device=x.device).to(torch.bfloat16)
+    alone, overlapped = [], []
+    _barrier()
+    if is_first:
+        for _ in range(warmup):
+            torch.mm(a, b)
+        for _ in range(iters):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            torch.mm(a, b)
+            end.record()
+            alone.append((start, end))
+    _barrier()
+    for _ in range(iters):
+        out = buffer.low_latency_dispatch(x, topk_idx, num_tokens, num_experts, return_recv_hook=True)
+        if is_first:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            torch.mm(a, b)
+            end.record()
+            overlapped.append((start, end))
+        out[4]()
+        _barrier()  # no rank runs ahead into a receive that would wait, resident, during the GEMM
+    torch.cuda.synchronize()
+    gemm = [[s.elapsed_time(e) / 1e3 for s, e in alone], [s.elapsed_time(e) / 1e3 for s, e in overlapped]]
+    shared = [gemm]
+    _dist().broadcast_object_list(shared, src=0)
+    times["gemm_alone"], times["gemm_between_send_and_hook"] = shared[0]
+    return times
+
+
 def run_low_latency_case(spec: dict) -> dict:
     """Check, then time low_latency_dispatch (FP8) and low_latency_combine on this rank."""
     import torch
@@ -270,6 +375,8 @@ def run_low_latency_case(spec: dict) -> dict:
     dist = _dist()
     num_ranks, rank = dist.get_world_size(), dist.get_rank()
     num_tokens, hidden, num_experts = spec["num_tokens"], spec["hidden"], spec["num_experts"]
+    if spec.get("num_sms"):
+        Buffer.set_num_sms(spec["num_sms"])
     num_rdma_bytes = Buffer.get_low_latency_rdma_size_hint(num_tokens, hidden, num_ranks, num_experts)
     buffer = _buffer(
         spec["backend"], 0, num_rdma_bytes, low_latency=True, num_qps=max(1, num_experts // num_ranks)
@@ -310,6 +417,7 @@ def run_low_latency_case(spec: dict) -> dict:
         if hook_mode:
             out[2]()
     dispatch_times, combine_times = [], []
+    extra = {}
     if _RANK_STATE["device"] == "cuda":
         events = [[torch.cuda.Event(enable_timing=True) for _ in range(3)] for _ in range(spec["iters"])]
         _barrier()
@@ -326,6 +434,7 @@ def run_low_latency_case(spec: dict) -> dict:
         torch.cuda.synchronize()
         dispatch_times = [b.elapsed_time(m) / 1e3 for b, m, _ in events]
         combine_times = [m.elapsed_time(e) / 1e3 for _, m, e in events]
+        extra = _time_low_latency_gpu(buffer, x, topk_idx, topk_weights, expert_out, spec)
     else:
         for _ in range(spec["iters"]):
             _barrier()
@@ -347,5 +456,10 @@ def run_low_latency_case(spec: dict) -> dict:
         "backend_summary": buffer.backend_summary,
         "checked": "low_latency_combine(low_latency_dispatch(x)) == x * sum of its top-k weights (BF16)",
         "num_selections": int((topk_idx >= 0).sum()),
-        "times_s": {"low_latency_dispatch_fp8": dispatch_times, "low_latency_combine_bf16": combine_times},
+        "ranks_sharing_gpu": buffer.topology.ranks_per_gpu,
+        "times_s": {
+            "low_latency_dispatch_fp8": dispatch_times,
+            "low_latency_combine_bf16": combine_times,
+            **extra,
+        },
     }

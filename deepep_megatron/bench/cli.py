@@ -109,7 +109,7 @@ def _fill_defaults(args: argparse.Namespace, device: str) -> None:
     args.num_experts = args.num_experts or experts
     args.num_topk = args.num_topk or topk
     if args.num_sms is None:
-        args.num_sms = [8, 16, 24] if device == "cuda" and not args.low_latency else [20]
+        args.num_sms = [16] if args.low_latency else [8, 16, 24] if device == "cuda" else [20]
     if args.backend is None:
         args.backend = os.environ.get("DEEPEP_MEGATRON_BACKEND", "auto").lower()
     if args.num_experts % args.nproc:
@@ -206,18 +206,12 @@ def run(args: argparse.Namespace) -> dict:
             "hook": args.hook,
             "nccl_baseline": args.nccl_baseline and info["dist_backend"] == "nccl",
         }
-        if args.low_latency:
-            runs = [dict(base, routing=routing, num_sms=None) for routing in args.routing]
-        else:
-            runs = [
-                dict(base, routing=routing, num_sms=sms) for routing in args.routing for sms in args.num_sms
-            ]
+        runs = [dict(base, routing=routing, num_sms=sms) for routing in args.routing for sms in args.num_sms]
         results, backends, summaries = [], set(), []
         with console.progress(len(runs)) as progress:
             for case in runs:
-                label = (
-                    "low-latency" if args.low_latency else f"{case['routing']} routing, {case['num_sms']} SMs"
-                )
+                mode_label = "low-latency, " if args.low_latency else ""
+                label = f"{mode_label}{case['routing']} routing, {case['num_sms']} SMs"
                 progress.describe(label)
                 fn = cases.run_low_latency_case if args.low_latency else cases.run_normal_case
                 rank_results = pool.run(fn, case, timeout=args.timeout)
@@ -273,7 +267,7 @@ def run(args: argparse.Namespace) -> dict:
             "num_experts": args.num_experts,
             "num_topk": args.num_topk,
             "routing": args.routing,
-            "num_sms": args.num_sms if not args.low_latency else None,
+            "num_sms": args.num_sms,
             "warmup": args.warmup,
             "iters": args.iters,
             "seed": args.seed,

@@ -27,6 +27,21 @@ DEEPEP_V1_REFERENCE = {
 }
 NORMAL_OPS = ("dispatch_bf16", "dispatch_fp8", "combine_bf16")
 LOW_LATENCY_OPS = ("low_latency_dispatch_fp8", "low_latency_combine_bf16")
+LOW_LATENCY_GPU_OPS = (
+    "ll_graph_dispatch_fp8",
+    "ll_graph_combine_bf16",
+    "ll_hook_dispatch_send",
+    "ll_hook_dispatch_recv",
+    "ll_hook_combine_send",
+    "ll_hook_combine_recv",
+    "gemm_alone",
+    "gemm_between_send_and_hook",
+)
+"""Measured on the GPU besides LOW_LATENCY_OPS: CUDA-graph replays of each call and of each
+hook phase, and a GEMM alone vs between a hook-mode send and its hook."""
+ONE_GPU_COPY_GBPS = 2116.0
+"""docs/benchmarking.md: aggregate one-copy payload ceiling of one H200 (a device-to-device copy
+moves 4232 GB/s counting reads and writes); ranks sharing the GPU share it."""
 OP_LABELS = {
     "dispatch_bf16": "dispatch BF16",
     "dispatch_fp8": "dispatch FP8",
@@ -34,6 +49,14 @@ OP_LABELS = {
     "nccl_all_to_all_bf16": "NCCL all_to_all BF16",
     "low_latency_dispatch_fp8": "LL dispatch FP8",
     "low_latency_combine_bf16": "LL combine BF16",
+    "ll_graph_dispatch_fp8": "LL dispatch FP8 (graph)",
+    "ll_graph_combine_bf16": "LL combine BF16 (graph)",
+    "ll_hook_dispatch_send": "LL dispatch send (hook, graph)",
+    "ll_hook_dispatch_recv": "LL dispatch hook recv (graph)",
+    "ll_hook_combine_send": "LL combine send (hook, graph)",
+    "ll_hook_combine_recv": "LL combine hook recv (graph)",
+    "gemm_alone": "GEMM alone",
+    "gemm_between_send_and_hook": "GEMM between send and hook",
 }
 
 SHAPE_DEFAULTS = {
@@ -61,6 +84,18 @@ def low_latency_bytes(num_selections: int, hidden: int, op: str) -> float:
     if op == "combine":
         return float(num_selections) * hidden * 2
     raise ValueError(f"op must be 'dispatch' or 'combine', got {op!r}")
+
+
+def low_latency_kind(op: str) -> str | None:
+    """Which byte count an op's time is measured against: "dispatch", "combine" or None (GEMM)."""
+    if op.startswith("gemm"):
+        return None
+    return "dispatch" if "dispatch" in op else "combine"
+
+
+def floor_us(num_bytes: float, ranks_sharing_gpu: int) -> float:
+    """µs to move `num_bytes` once through this rank's share of the one-GPU copy ceiling."""
+    return num_bytes / (ONE_GPU_COPY_GBPS * 1e9 / max(1, ranks_sharing_gpu)) * 1e6
 
 
 def gbps(num_bytes: float, seconds: float) -> float:
@@ -117,27 +152,30 @@ def summarize_normal(rank_results: list[dict], hidden: int) -> list[dict]:
 
 
 def summarize_low_latency(rank_results: list[dict], hidden: int) -> list[dict]:
+    """Per-op numbers of one case; against its bytes where the op moves data, and, where ranks
+    share a GPU, against the floor: one copy of those bytes through this rank's share of the GPU's
+    copy ceiling (the rest of the time is synchronisation, launches and extra passes)."""
     rows = []
-    for op in LOW_LATENCY_OPS:
-        kind = "dispatch" if "dispatch" in op else "combine"
+    sharing = rank_results[0].get("ranks_sharing_gpu", 1)
+    for op in rank_results[0]["times_s"]:
+        kind = low_latency_kind(op)
         medians = [_median(r["times_s"][op]) for r in rank_results]
-        per_rank = [
-            gbps(low_latency_bytes(r["num_selections"], hidden, kind), t)
-            for r, t in zip(rank_results, medians)
-        ]
         us_min, us_mean = min_mean([t * 1e6 for t in medians])
-        low, mean = min_mean(per_rank)
-        rows.append(
-            {
-                "op": op,
-                "median_s": medians,
-                "us_min": us_min,
-                "us_mean": us_mean,
-                "us_max": max(medians) * 1e6,
-                "gbps": per_rank,
-                "gbps_min": low,
-                "gbps_mean": mean,
-                "times_s": [r["times_s"][op] for r in rank_results],
-            }
-        )
+        row = {
+            "op": op,
+            "median_s": medians,
+            "us_min": us_min,
+            "us_mean": us_mean,
+            "us_max": max(medians) * 1e6,
+            "times_s": [r["times_s"][op] for r in rank_results],
+        }
+        if kind is not None:
+            num_bytes = [low_latency_bytes(r["num_selections"], hidden, kind) for r in rank_results]
+            per_rank = [gbps(b, t) for b, t in zip(num_bytes, medians)]
+            row["gbps"] = per_rank
+            row["gbps_min"], row["gbps_mean"] = min_mean(per_rank)
+            if sharing > 1:
+                row["floor_us"] = floor_us(sum(num_bytes) / len(num_bytes), sharing)
+                row["data_share"] = row["floor_us"] / us_mean
+        rows.append(row)
     return rows

@@ -128,8 +128,9 @@ def plot(report: dict, path: str) -> None:
     if report["mode"] == "low_latency":
         rows = report["results"]
         fig, ax = plt.subplots(figsize=(max(6, 2 * len(rows)), 4))
-        names = [f"{OP_LABELS[r['op']]}\n{r['routing']}" for r in rows]
-        colors = [f"C{LOW_LATENCY_OPS.index(r['op'])}" for r in rows]
+        names = [f"{OP_LABELS.get(r['op'], r['op'])}\n{r['routing']}" for r in rows]
+        ops = list(dict.fromkeys(r["op"] for r in rows))
+        colors = [f"C{ops.index(r['op']) % 10}" for r in rows]
         ax.bar(names, [r["us_mean"] for r in rows], color=colors)
         ax.scatter(names, [r["us_min"] for r in rows], color="black", marker="_", s=400, zorder=3)
         ax.set_ylabel("µs per call")
@@ -180,17 +181,30 @@ def print_report(console: Console, report: dict) -> None:
         f"{config['num_experts']} | torch {report['torch']}"
     )
     if report["mode"] == "low_latency":
-        columns = ["routing", "op", "hook", "µs min", "µs mean", "µs max", "GB/s min", "GB/s mean"]
+        columns = [
+            "routing",
+            "SMs",
+            "op",
+            "hook",
+            "µs min",
+            "µs mean",
+            "µs max",
+            "GB/s mean",
+            "floor µs",
+            "data",
+        ]
         rows = [
             [
                 r["routing"],
-                OP_LABELS[r["op"]],
-                str(config["hook"]),
+                str(r.get("num_sms")),
+                OP_LABELS.get(r["op"], r["op"]),
+                str(config["hook"]) if r["op"] in LOW_LATENCY_OPS else "-",
                 f"{r['us_min']:.1f}",
                 f"{r['us_mean']:.1f}",
                 f"{r['us_max']:.1f}",
-                f"{r['gbps_min']:.2f}",
-                f"{r['gbps_mean']:.2f}",
+                f"{r['gbps_mean']:.2f}" if "gbps_mean" in r else "-",
+                f"{r['floor_us']:.1f}" if "floor_us" in r else "-",
+                f"{100 * r['data_share']:.0f}%" if "data_share" in r else "-",
             ]
             for r in report["results"]
         ]
