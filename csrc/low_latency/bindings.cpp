@@ -34,20 +34,22 @@ void register_low_latency(py::module& m) {
         .def(py::init<int, int, int64_t, int64_t, const std::vector<int64_t>&, double>(), py::arg("rank"),
              py::arg("num_ranks"), py::arg("block_address"), py::arg("block_bytes"), py::arg("peer_bases"),
              py::arg("timeout_seconds"))
-        .def_static("required_bytes", &LowLatencyRuntime::required_bytes, py::arg("max_tokens"), py::arg("hidden"),
-                    py::arg("num_ranks"), py::arg("num_experts"))
-        .def("dispatch", &LowLatencyRuntime::dispatch, py::arg("x"), py::arg("topk_idx"), py::arg("max_tokens"),
-             py::arg("num_experts"), py::arg("use_fp8"), py::arg("round_scale"), py::arg("use_ue8m0"), py::arg("bank"),
-             py::arg("num_sms"), py::arg("receive"), py::arg("cumulative_recv_stats"), py::arg("wait_recv_stats"))
+        .def_static("required_bytes", &LowLatencyRuntime::required_bytes, py::arg("max_tokens"),
+                    py::arg("hidden"), py::arg("num_ranks"), py::arg("num_experts"))
+        .def("dispatch", &LowLatencyRuntime::dispatch, py::arg("x"), py::arg("topk_idx"),
+             py::arg("max_tokens"), py::arg("num_experts"), py::arg("use_fp8"), py::arg("round_scale"),
+             py::arg("use_ue8m0"), py::arg("bank"), py::arg("num_sms"), py::arg("receive"),
+             py::arg("cumulative_recv_stats"), py::arg("wait_recv_stats"))
         .def("dispatch_receive", &LowLatencyRuntime::dispatch_receive, py::arg("call"))
-        .def("combine", &LowLatencyRuntime::combine, py::arg("x"), py::arg("topk_idx"), py::arg("topk_weights"),
-             py::arg("recv_count"), py::arg("recv_src_info"), py::arg("recv_route"), py::arg("max_tokens"),
-             py::arg("num_experts"), py::arg("bank"), py::arg("zero_copy"), py::arg("out"), py::arg("num_sms"),
-             py::arg("receive"), py::arg("wait_recv_stats"))
+        .def("combine", &LowLatencyRuntime::combine, py::arg("x"), py::arg("topk_idx"),
+             py::arg("topk_weights"), py::arg("recv_count"), py::arg("recv_src_info"), py::arg("recv_route"),
+             py::arg("max_tokens"), py::arg("num_experts"), py::arg("bank"), py::arg("zero_copy"),
+             py::arg("out"), py::arg("num_sms"), py::arg("receive"), py::arg("wait_recv_stats"))
         .def("combine_receive", &LowLatencyRuntime::combine_receive, py::arg("call"))
         .def("combine_buffer", &LowLatencyRuntime::combine_buffer, py::arg("bank"), py::arg("max_tokens"),
              py::arg("hidden"), py::arg("num_experts"))
-        .def("clean", &LowLatencyRuntime::clean, py::arg("max_tokens"), py::arg("hidden"), py::arg("num_experts"))
+        .def("clean", &LowLatencyRuntime::clean, py::arg("max_tokens"), py::arg("hidden"),
+             py::arg("num_experts"))
         .def("check_health", &LowLatencyRuntime::check_health)
         .def("destroy", &LowLatencyRuntime::destroy);
 }

@@ -57,10 +57,11 @@ __device__ bool combine_send(const CombineParams& p, int* shared, int* flag) {
 
     // A. The call before last on this bank has been reduced everywhere.
     for (int r = threadIdx.x; r < R; r += blockDim.x)
-        wait_at_least(local_signal(sym, sym.signals.combine_released, r), seq - 1, p.wait, kWaitCombineRelease, r);
+        wait_at_least(local_signal(sym, sym.signals.combine_released, r), seq - 1, p.wait,
+                      kWaitCombineRelease, r);
     if (block_stopped(p.wait, flag)) return false;
 
-    int* expert_start = shared;              // [E_local + 1] first row of each expert in row order
+    int* expert_start = shared;                  // [E_local + 1] first row of each expert in row order
     int* arrivals = expert_start + experts + 1;  // [R] same-node arrivals of this block, per owner
     for (int e = threadIdx.x; e < experts; e += blockDim.x) expert_start[e + 1] = p.recv_count[e];
     for (int r = threadIdx.x; r < R; r += blockDim.x) arrivals[r] = 0;
@@ -89,7 +90,8 @@ __device__ bool combine_send(const CombineParams& p, int* shared, int* flag) {
         }
         const void* put_source = source;
         if (!p.zero_copy) {  // puts read registered memory: stage the row in the zero-copy buffer
-            uint8_t* staged = local_at(sym, sym.data_offset + sym.data.combine_staging + index * p.hidden * 2);
+            uint8_t* staged =
+                local_at(sym, sym.data_offset + sym.data.combine_staging + index * p.hidden * 2);
             copy_row(source, reinterpret_cast<Vec*>(staged), num_vectors, lane);
             put_source = staged;
         }
@@ -105,7 +107,8 @@ __device__ bool combine_send(const CombineParams& p, int* shared, int* flag) {
     fence_system();
     __syncthreads();
     for (int r = threadIdx.x; r < R; r += blockDim.x)
-        if (arrivals[r] != 0) signal_add_mapped(sym, r, signal_word(sym, sym.signals.combine_arrival, p.rank), arrivals[r]);
+        if (arrivals[r] != 0)
+            signal_add_mapped(sym, r, signal_word(sym, sym.signals.combine_arrival, p.rank), arrivals[r]);
     if (used_puts && lane == 0) nvshmem_quiet();
     if (last_block(&bank_counters(sym)->combine_send_ticket, flag) && threadIdx.x == 0)
         bank_counters(sym)->combine_send_seq = seq;
@@ -127,15 +130,18 @@ __device__ void reduce_part(const CombineParams& p, int token, int part) {
     const bool my_valid = lane < K && __ldg(p.topk_idx + first + lane) >= 0;
     const float my_weight = lane < K ? __ldg(p.topk_weights + first + lane) : 0.0f;
     const unsigned valid = __ballot_sync(kFullMask, my_valid);
-    const uint8_t* rows = local_at(p.sym, combine_landing_row(p, token, 0)) + static_cast<size_t>(part) * kPartChannels * 2;
+    const uint8_t* rows =
+        local_at(p.sym, combine_landing_row(p, token, 0)) + static_cast<size_t>(part) * kPartChannels * 2;
     const size_t row_stride = static_cast<size_t>(p.hidden) * 2;
-    Vec* out = reinterpret_cast<Vec*>(p.combined_x + static_cast<size_t>(token) * p.hidden + part * kPartChannels);
+    Vec* out =
+        reinterpret_cast<Vec*>(p.combined_x + static_cast<size_t>(token) * p.hidden + part * kPartChannels);
     for (int v = lane; v - lane < num_vectors; v += 32) {  // warp-uniform trip count
         const bool active = v < num_vectors;
         Vec loaded[kMaxK];
 #pragma unroll
         for (int k = 0; k < kMaxK; ++k)
-            if (active && (valid >> k & 1u)) loaded[k] = load_landed(reinterpret_cast<const Vec*>(rows + k * row_stride) + v);
+            if (active && (valid >> k & 1u))
+                loaded[k] = load_landed(reinterpret_cast<const Vec*>(rows + k * row_stride) + v);
         float acc[kPerVector];
 #pragma unroll
         for (int j = 0; j < kPerVector; ++j) acc[j] = 0.0f;  // adding +0 for an empty slot changes nothing
@@ -147,7 +153,8 @@ __device__ void reduce_part(const CombineParams& p, int token, int part) {
 #pragma unroll
             for (int w = 0; w < kPerVector / 2; ++w) {
                 acc[2 * w] = __fadd_rn(acc[2 * w], __fmul_rn(weight, __uint_as_float(words[w] << 16)));
-                acc[2 * w + 1] = __fadd_rn(acc[2 * w + 1], __fmul_rn(weight, __uint_as_float(words[w] & 0xffff0000u)));
+                acc[2 * w + 1] =
+                    __fadd_rn(acc[2 * w + 1], __fmul_rn(weight, __uint_as_float(words[w] & 0xffff0000u)));
             }
         }
         if (!active) continue;
@@ -184,7 +191,8 @@ __device__ void combine_receive(const CombineParams& p, int* shared, int* flag) 
     const uint64_t* expected = local_signal(sym, sym.signals.combine_expected, 0);
     for (int r = threadIdx.x; r < R; r += blockDim.x) {
         const uint64_t target = expected[r] + static_cast<uint64_t>(selections[r]);
-        if (wait_at_least(local_signal(sym, sym.signals.combine_arrival, r), target, p.wait, kWaitCombineData, r) &&
+        if (wait_at_least(local_signal(sym, sym.signals.combine_arrival, r), target, p.wait, kWaitCombineData,
+                          r) &&
             blockIdx.x == 0 && p.wait_recv_stats != nullptr)
             p.wait_recv_stats[r] += global_time_ns() - start;
     }
@@ -228,7 +236,8 @@ size_t combine_shared_bytes(int experts_per_rank, int num_ranks) {
 void launch_combine(const CombineParams& params, int num_blocks, cudaStream_t stream) {
     const size_t shared = combine_shared_bytes(params.experts_per_rank, params.num_ranks);
     auto kernel = params.hidden % 8 == 0 ? combine_kernel<int4> : combine_kernel<int>;
-    if (shared > 48 * 1024) cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(shared));
+    if (shared > 48 * 1024)
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(shared));
     kernel<<<num_blocks, kThreads, shared, stream>>>(params);
     const cudaError_t status = cudaGetLastError();
     if (status != cudaSuccess)

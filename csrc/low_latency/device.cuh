@@ -11,10 +11,10 @@
 // These are kept inside csrc/low_latency until the shared csrc/device helpers land on main.
 #pragma once
 
-#include <cstdint>
-
 #include <nvshmem.h>
 #include <nvshmemx.h>
+
+#include <cstdint>
 
 #include "low_latency/params.h"
 
@@ -36,7 +36,9 @@ __device__ __forceinline__ void add_release_system(uint64_t* address, uint64_t v
     asm volatile("red.release.sys.global.add.u64 [%0], %1;" ::"l"(address), "l"(value) : "memory");
 }
 
-__device__ __forceinline__ void fence_system() { asm volatile("fence.acq_rel.sys;" ::: "memory"); }
+__device__ __forceinline__ void fence_system() {
+    asm volatile("fence.acq_rel.sys;" ::: "memory");
+}
 
 __device__ __forceinline__ long long global_time_ns() {
     long long now;
@@ -60,14 +62,20 @@ __device__ __forceinline__ int load_input(const int* address) {
 }
 
 // Memory other ranks wrote (landing areas): L2 only, never a stale L1 line.
-__device__ __forceinline__ int4 load_landed(const int4* address) { return __ldcg(address); }
-__device__ __forceinline__ int load_landed(const int* address) { return __ldcg(address); }
-__device__ __forceinline__ float load_landed(const float* address) { return __ldcg(address); }
+__device__ __forceinline__ int4 load_landed(const int4* address) {
+    return __ldcg(address);
+}
+__device__ __forceinline__ int load_landed(const int* address) {
+    return __ldcg(address);
+}
+__device__ __forceinline__ float load_landed(const float* address) {
+    return __ldcg(address);
+}
 
 // ------------------------------------------------------------------------------ bounded waits
 // Record the first timeout for the host and make every other wait of this rank give up.
-__device__ __forceinline__ void report_timeout(const WaitContext& ctx, int phase, int peer, long long expected,
-                                               long long seen) {
+__device__ __forceinline__ void report_timeout(const WaitContext& ctx, int phase, int peer,
+                                               long long expected, long long seen) {
     if (atomicCAS(ctx.abort_flag, 0, 1) == 0) {
         ctx.record->rank = ctx.rank;
         ctx.record->peer = peer;
@@ -118,7 +126,9 @@ __device__ __forceinline__ bool wait_at_least(const uint64_t* word, uint64_t tar
 }
 
 // ------------------------------------------------------------------------------ reaching peers
-__device__ __forceinline__ uint8_t* local_at(const Symmetric& sym, size_t offset) { return sym.base + offset; }
+__device__ __forceinline__ uint8_t* local_at(const Symmetric& sym, size_t offset) {
+    return sym.base + offset;
+}
 
 // Peer's memory in my address space, or null when the peer is in another node (use puts).
 __device__ __forceinline__ uint8_t* peer_at(const Symmetric& sym, int peer, size_t offset) {
@@ -131,12 +141,14 @@ __device__ __forceinline__ void signal_set(const Symmetric& sym, int peer, size_
     if (uint8_t* mapped = peer_at(sym, peer, offset)) {
         store_release_system(reinterpret_cast<uint64_t*>(mapped), value);
     } else {
-        nvshmemx_signal_op(reinterpret_cast<uint64_t*>(local_at(sym, offset)), value, NVSHMEM_SIGNAL_SET, peer);
+        nvshmemx_signal_op(reinterpret_cast<uint64_t*>(local_at(sym, offset)), value, NVSHMEM_SIGNAL_SET,
+                           peer);
     }
 }
 
 // Add to a same-node peer's arrival counter after this block's stores (see the ordering rule).
-__device__ __forceinline__ void signal_add_mapped(const Symmetric& sym, int peer, size_t offset, uint64_t value) {
+__device__ __forceinline__ void signal_add_mapped(const Symmetric& sym, int peer, size_t offset,
+                                                  uint64_t value) {
     add_release_system(reinterpret_cast<uint64_t*>(peer_at(sym, peer, offset)), value);
 }
 
@@ -195,7 +207,10 @@ __device__ __forceinline__ int last_not_above(const int* sorted, int n, int valu
     int low = 0, high = n - 1;
     while (low < high) {
         const int mid = (low + high + 1) / 2;
-        if (sorted[mid] <= value) low = mid; else high = mid - 1;
+        if (sorted[mid] <= value)
+            low = mid;
+        else
+            high = mid - 1;
     }
     return low;
 }

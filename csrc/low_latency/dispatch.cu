@@ -33,13 +33,16 @@ namespace {
 
 constexpr int kFp8Iterations = kPartChannels / 256;  // a warp covers 256 channels per 16-byte load
 
-__device__ __forceinline__ size_t landing_message(const DispatchParams& p, int local_expert, int source, int slot) {
+__device__ __forceinline__ size_t landing_message(const DispatchParams& p, int local_expert, int source,
+                                                  int slot) {
     return p.sym.data_offset + p.sym.data.dispatch_landing +
-           ((static_cast<size_t>(local_expert) * p.num_ranks + source) * p.max_tokens + slot) * p.sym.data.slot;
+           ((static_cast<size_t>(local_expert) * p.num_ranks + source) * p.max_tokens + slot) *
+               p.sym.data.slot;
 }
 
 __device__ __forceinline__ uint8_t* staged_message(const DispatchParams& p, int token) {
-    return local_at(p.sym, p.sym.data_offset + p.sym.data.dispatch_staging + static_cast<size_t>(token) * p.sym.data.slot);
+    return local_at(p.sym, p.sym.data_offset + p.sym.data.dispatch_staging +
+                               static_cast<size_t>(token) * p.sym.data.slot);
 }
 
 __device__ __forceinline__ int4* staged_header(const DispatchParams& p, int token, int k) {
@@ -75,8 +78,8 @@ struct Fp8Part {
     float scale[kFp8Iterations];
 };
 
-__device__ __forceinline__ void cast_part(const DispatchParams& p, int token, int part, int channels, int lane,
-                                          Fp8Part& out) {
+__device__ __forceinline__ void cast_part(const DispatchParams& p, int token, int part, int channels,
+                                          int lane, Fp8Part& out) {
     const int4* source =
         reinterpret_cast<const int4*>(p.x + static_cast<size_t>(token) * p.hidden + part * kPartChannels);
     int4 raw[kFp8Iterations];
@@ -117,8 +120,8 @@ struct Bf16Part {
 };
 
 template <typename Vec>
-__device__ __forceinline__ void load_bf16_part(const DispatchParams& p, int token, int part, int channels, int lane,
-                                               Bf16Part<Vec>& out) {
+__device__ __forceinline__ void load_bf16_part(const DispatchParams& p, int token, int part, int channels,
+                                               int lane, Bf16Part<Vec>& out) {
     const Vec* source =
         reinterpret_cast<const Vec*>(p.x + static_cast<size_t>(token) * p.hidden + part * kPartChannels);
     const int num_vectors = channels * 2 / static_cast<int>(sizeof(Vec));
@@ -128,7 +131,8 @@ __device__ __forceinline__ void load_bf16_part(const DispatchParams& p, int toke
 }
 
 template <typename Vec>
-__device__ __forceinline__ void store_bf16_chunk(const Bf16Part<Vec>& part, uint8_t* chunk, int channels, int lane) {
+__device__ __forceinline__ void store_bf16_chunk(const Bf16Part<Vec>& part, uint8_t* chunk, int channels,
+                                                 int lane) {
     Vec* target = reinterpret_cast<Vec*>(chunk);
     const int num_vectors = channels * 2 / static_cast<int>(sizeof(Vec));
 #pragma unroll
@@ -138,8 +142,8 @@ __device__ __forceinline__ void store_bf16_chunk(const Bf16Part<Vec>& part, uint
 
 // Step C for one (token, part): `store(chunk)` writes the part into a message's chunk.
 template <typename StoreChunk>
-__device__ void send_part(const DispatchParams& p, int token, int part, int my_expert, int my_slot, int* arrivals,
-                          bool& used_puts, StoreChunk store) {
+__device__ void send_part(const DispatchParams& p, int token, int part, int my_expert, int my_slot,
+                          int* arrivals, bool& used_puts, StoreChunk store) {
     const int lane = threadIdx.x & 31;
     const int channels = part_channels(p.hidden, part);
     const size_t chunk_offset = part_offset(part, p.fp8);
@@ -178,11 +182,11 @@ __device__ void send_part(const DispatchParams& p, int token, int part, int my_e
         if (peer_at(p.sym, destination, message) != nullptr) continue;
         uint64_t* arrival = local_signal(p.sym, p.sym.signals.dispatch_arrival,
                                          static_cast<size_t>(local) * p.num_ranks + p.rank);
-        nvshmemx_putmem_signal_nbi_warp(local_at(p.sym, message + chunk_offset), staged + chunk_offset, chunk_bytes,
-                                        arrival, 1, NVSHMEM_SIGNAL_ADD, destination);
+        nvshmemx_putmem_signal_nbi_warp(local_at(p.sym, message + chunk_offset), staged + chunk_offset,
+                                        chunk_bytes, arrival, 1, NVSHMEM_SIGNAL_ADD, destination);
         if (part == 0)
-            nvshmemx_putmem_signal_nbi_warp(local_at(p.sym, message), staged_header(p, token, k), kHeaderBytes,
-                                            arrival, 1, NVSHMEM_SIGNAL_ADD, destination);
+            nvshmemx_putmem_signal_nbi_warp(local_at(p.sym, message), staged_header(p, token, k),
+                                            kHeaderBytes, arrival, 1, NVSHMEM_SIGNAL_ADD, destination);
     }
     used_puts = true;
 }
@@ -197,16 +201,17 @@ __device__ bool dispatch_send(const DispatchParams& p, int* shared, int* flag) {
 
     // A. The call before last on this bank has been received everywhere.
     for (int r = threadIdx.x; r < R; r += blockDim.x)
-        wait_at_least(local_signal(sym, sym.signals.dispatch_released, r), seq - 1, p.wait, kWaitDispatchRelease, r);
+        wait_at_least(local_signal(sym, sym.signals.dispatch_released, r), seq - 1, p.wait,
+                      kWaitDispatchRelease, r);
     if (block_stopped(p.wait, flag)) return false;
 
     // B. Rank the selections, then counts first: receivers learn how much to wait for while the
     //    data is still moving. A (token, expert) chosen more than T times by duplicates past the
     //    landing slots is dropped, never written out of bounds.
     const int num_selections = p.num_tokens * K;
-    int* count = shared;             // [E] selections per expert
-    int* arrivals = count + E;       // [E] same-node arrivals of this block, per expert
-    int* slots = arrivals + E;       // [N * K]
+    int* count = shared;        // [E] selections per expert
+    int* arrivals = count + E;  // [E] same-node arrivals of this block, per expert
+    int* slots = arrivals + E;  // [N * K]
     for (int e = threadIdx.x; e < E; e += blockDim.x) count[e] = arrivals[e] = 0;
     __syncthreads();
     if (threadIdx.x < 32) rank_selections(p.topk_idx, num_selections, slots, count);
@@ -248,9 +253,10 @@ __device__ bool dispatch_send(const DispatchParams& p, int* shared, int* flag) {
     for (int expert = threadIdx.x; expert < E; expert += blockDim.x) {
         if (arrivals[expert] == 0) continue;
         const int local = expert % p.experts_per_rank;
-        signal_add_mapped(sym, expert / p.experts_per_rank,
-                          signal_word(sym, sym.signals.dispatch_arrival, static_cast<size_t>(local) * R + p.rank),
-                          arrivals[expert]);
+        signal_add_mapped(
+            sym, expert / p.experts_per_rank,
+            signal_word(sym, sym.signals.dispatch_arrival, static_cast<size_t>(local) * R + p.rank),
+            arrivals[expert]);
     }
     if (used_puts && lane == 0) nvshmem_quiet();  // staging may be rewritten two calls later
     if (last_block(&bank_counters(sym)->dispatch_send_ticket, flag) && threadIdx.x == 0)
@@ -263,7 +269,8 @@ __device__ bool dispatch_send(const DispatchParams& p, int* shared, int* flag) {
 constexpr int kUnpackUnroll = 16;  // vectors in flight per lane
 
 template <typename Vec>
-__device__ void unpack_row(const DispatchParams& p, const uint8_t* message, int local_expert, int row, int source) {
+__device__ void unpack_row(const DispatchParams& p, const uint8_t* message, int local_expert, int row,
+                           int source) {
     const int lane = threadIdx.x & 31;
     const int capacity = p.num_ranks * p.max_tokens;
     const size_t row_index = static_cast<size_t>(local_expert) * capacity + row;
@@ -282,7 +289,8 @@ __device__ void unpack_row(const DispatchParams& p, const uint8_t* message, int 
 #pragma unroll
         for (int u = 0; u < kUnpackUnroll; ++u) {
             const int v = base + u * 32 + lane;
-            if (v < num_vectors) values[u] = load_landed(reinterpret_cast<const Vec*>(message + source_offset(v)));
+            if (v < num_vectors)
+                values[u] = load_landed(reinterpret_cast<const Vec*>(message + source_offset(v)));
         }
 #pragma unroll
         for (int u = 0; u < kUnpackUnroll; ++u) {
@@ -294,7 +302,8 @@ __device__ void unpack_row(const DispatchParams& p, const uint8_t* message, int 
         // Scale g sits in the chunk of part g / 8 at index g % 8; outputs are [E_local, G or W, R * T].
         const int num_scales = p.hidden / kScaleBlock, per_part = kPartChannels / kScaleBlock;
         auto scale_at = [&](int g) {
-            return load_landed(reinterpret_cast<const float*>(message + part_offset(g / per_part, true)) + g % per_part);
+            return load_landed(reinterpret_cast<const float*>(message + part_offset(g / per_part, true)) +
+                               g % per_part);
         };
         if (!p.ue8m0) {
             float* scales = reinterpret_cast<float*>(p.recv_scales);
@@ -305,8 +314,10 @@ __device__ void unpack_row(const DispatchParams& p, const uint8_t* message, int 
             int* words = reinterpret_cast<int*>(p.recv_scales);
             for (int w = lane; w < num_words; w += 32) {
                 uint32_t word = 0;
-                for (int i = 0; i < 4 && 4 * w + i < num_scales; ++i) word |= ue8m0_byte(scale_at(4 * w + i)) << (8 * i);
-                words[(static_cast<size_t>(local_expert) * num_words + w) * capacity + row] = static_cast<int>(word);
+                for (int i = 0; i < 4 && 4 * w + i < num_scales; ++i)
+                    word |= ue8m0_byte(scale_at(4 * w + i)) << (8 * i);
+                words[(static_cast<size_t>(local_expert) * num_words + w) * capacity + row] =
+                    static_cast<int>(word);
             }
         }
     }
@@ -327,9 +338,9 @@ __device__ void dispatch_receive(const DispatchParams& p, int* shared, int* flag
     const unsigned int seq = read_counter(&bank_counters(sym)->dispatch_recv_seq) + 1;
     const long long start = global_time_ns();
 
-    int* count = shared;                       // [E_local * R] messages of (expert, source)
-    int* begin = count + pairs;                // [E_local * R] first packed row of (expert, source)
-    int* expert_start = begin + pairs;         // [E_local + 1] first row of each expert in row order
+    int* count = shared;                // [E_local * R] messages of (expert, source)
+    int* begin = count + pairs;         // [E_local * R] first packed row of (expert, source)
+    int* expert_start = begin + pairs;  // [E_local + 1] first row of each expert in row order
     auto* source_wait = reinterpret_cast<unsigned long long*>(
         reinterpret_cast<uintptr_t>(expert_start + experts + 1 + 1) & ~uintptr_t(7));  // [R], block 0
     const bool records_stats = blockIdx.x == 0 && p.wait_recv_stats != nullptr;
@@ -339,14 +350,16 @@ __device__ void dispatch_receive(const DispatchParams& p, int* shared, int* flag
     // E. Counts of this call, then the data they announce.
     for (int i = threadIdx.x; i < pairs; i += blockDim.x) {
         unsigned int n = 0;
-        wait_sequence(local_signal(sym, sym.signals.dispatch_count, i), seq, p.wait, kWaitDispatchCount, i % R, &n);
+        wait_sequence(local_signal(sym, sym.signals.dispatch_count, i), seq, p.wait, kWaitDispatchCount,
+                      i % R, &n);
         count[i] = static_cast<int>(n);
     }
     if (block_stopped(p.wait, flag)) return;
     const uint64_t* expected = local_signal(sym, sym.signals.dispatch_expected, 0);
     for (int i = threadIdx.x; i < pairs; i += blockDim.x) {
         const uint64_t target = expected[i] + static_cast<uint64_t>(parts + 1) * count[i];
-        if (wait_at_least(local_signal(sym, sym.signals.dispatch_arrival, i), target, p.wait, kWaitDispatchData, i % R) &&
+        if (wait_at_least(local_signal(sym, sym.signals.dispatch_arrival, i), target, p.wait,
+                          kWaitDispatchData, i % R) &&
             records_stats)
             atomicMax(&source_wait[i % R], static_cast<unsigned long long>(global_time_ns() - start));
     }
@@ -389,8 +402,8 @@ __device__ void dispatch_receive(const DispatchParams& p, int* shared, int* flag
         const int slot = row - begin[e * R + source];
         unpack_row<Vec>(p, local_at(sym, landing_message(p, e, source, slot)), e, row, source);
     }
-    for (size_t i = static_cast<size_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < static_cast<size_t>(experts) * capacity;
-         i += static_cast<size_t>(gridDim.x) * blockDim.x) {
+    for (size_t i = static_cast<size_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+         i < static_cast<size_t>(experts) * capacity; i += static_cast<size_t>(gridDim.x) * blockDim.x) {
         const int e = static_cast<int>(i / capacity), row = static_cast<int>(i % capacity);
         if (row >= expert_start[e + 1] - expert_start[e]) {
             p.recv_src_info[i] = -1;
@@ -424,8 +437,9 @@ __global__ void __launch_bounds__(kThreads, 1) dispatch_kernel(const DispatchPar
 
 size_t dispatch_shared_bytes(int num_experts, int experts_per_rank, int num_ranks, int num_selections) {
     const size_t send = (2 * static_cast<size_t>(num_experts) + num_selections) * sizeof(int);
-    const size_t receive = (2 * static_cast<size_t>(experts_per_rank) * num_ranks + experts_per_rank + 2) * sizeof(int) +
-                           8 + static_cast<size_t>(num_ranks) * sizeof(unsigned long long);
+    const size_t receive =
+        (2 * static_cast<size_t>(experts_per_rank) * num_ranks + experts_per_rank + 2) * sizeof(int) + 8 +
+        static_cast<size_t>(num_ranks) * sizeof(unsigned long long);
     return send > receive ? send : receive;
 }
 
@@ -434,7 +448,8 @@ void launch_dispatch(const DispatchParams& params, int num_blocks, cudaStream_t 
                                                 params.num_tokens * params.num_topk);
     const bool wide = params.fp8 || params.hidden % 8 == 0;
     auto kernel = wide ? dispatch_kernel<int4> : dispatch_kernel<int>;
-    if (shared > 48 * 1024) cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(shared));
+    if (shared > 48 * 1024)
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(shared));
     kernel<<<num_blocks, kThreads, shared, stream>>>(params);
     const cudaError_t status = cudaGetLastError();
     if (status != cudaSuccess)

@@ -15,8 +15,8 @@ constexpr float kFp8Max = 448.0f;
 constexpr float kAmaxMin = 1e-4f;
 
 __device__ __forceinline__ void unpack_bf16x8(const int4& v, float (&out)[8]) {
-    const uint32_t words[4] = {static_cast<uint32_t>(v.x), static_cast<uint32_t>(v.y), static_cast<uint32_t>(v.z),
-                               static_cast<uint32_t>(v.w)};
+    const uint32_t words[4] = {static_cast<uint32_t>(v.x), static_cast<uint32_t>(v.y),
+                               static_cast<uint32_t>(v.z), static_cast<uint32_t>(v.w)};
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
         out[2 * i] = __uint_as_float(words[i] << 16);
@@ -34,7 +34,8 @@ __device__ __forceinline__ float abs_max8(const float (&v)[8]) {
 // Max over the 16 lanes of a half warp (one 128-channel block when each lane holds 8 channels).
 __device__ __forceinline__ float half_warp_max(float value) {
 #pragma unroll
-    for (int offset = 8; offset > 0; offset /= 2) value = fmaxf(value, __shfl_xor_sync(0xffffffffu, value, offset));
+    for (int offset = 8; offset > 0; offset /= 2)
+        value = fmaxf(value, __shfl_xor_sync(0xffffffffu, value, offset));
     return value;
 }
 
@@ -48,7 +49,9 @@ __device__ __forceinline__ float fp8_scale(float amax, bool round_scale) {
     return __uint_as_float(exponent << 23);
 }
 
-__device__ __forceinline__ uint32_t ue8m0_byte(float pow2_scale) { return (__float_as_uint(pow2_scale) >> 23) & 0xffu; }
+__device__ __forceinline__ uint32_t ue8m0_byte(float pow2_scale) {
+    return (__float_as_uint(pow2_scale) >> 23) & 0xffu;
+}
 
 // Eight channels to eight e4m3 bytes (channel 0 in the lowest byte).
 __device__ __forceinline__ uint2 quantize8(const float (&v)[8], float scale) {

@@ -35,8 +35,8 @@
 namespace deepep_megatron {
 namespace low_latency {
 
-constexpr int kPartChannels = 1024;    // channels per unit of work (8 FP8 scale blocks)
-constexpr int kScaleBlock = 128;       // channels per FP8 scale
+constexpr int kPartChannels = 1024;  // channels per unit of work (8 FP8 scale blocks)
+constexpr int kScaleBlock = 128;     // channels per FP8 scale
 constexpr int kMaxTopk = 16;
 constexpr int kMaxLocalExperts = 1024;
 constexpr int kHeaderBytes = 16;
@@ -47,7 +47,9 @@ LL_HOST_DEVICE inline size_t align_up(size_t value, size_t alignment) {
     return (value + alignment - 1) / alignment * alignment;
 }
 
-LL_HOST_DEVICE inline int num_parts(int hidden) { return (hidden + kPartChannels - 1) / kPartChannels; }
+LL_HOST_DEVICE inline int num_parts(int hidden) {
+    return (hidden + kPartChannels - 1) / kPartChannels;
+}
 
 LL_HOST_DEVICE inline int part_channels(int hidden, int part) {
     const int rest = hidden - part * kPartChannels;
@@ -122,7 +124,9 @@ LL_HOST_DEVICE inline SignalLayout signal_layout(int num_ranks) {
 }
 
 // Offset of the first data byte (after control and both banks' signals).
-LL_HOST_DEVICE inline size_t data_start(int num_ranks) { return kControlBytes + 2 * signal_layout(num_ranks).total; }
+LL_HOST_DEVICE inline size_t data_start(int num_ranks) {
+    return kControlBytes + 2 * signal_layout(num_ranks).total;
+}
 
 LL_HOST_DEVICE inline size_t signal_bank_offset(int num_ranks, int bank) {
     return kControlBytes + static_cast<size_t>(bank) * signal_layout(num_ranks).total;
@@ -155,8 +159,10 @@ LL_HOST_DEVICE inline DataLayout data_layout(int max_tokens, int hidden, int num
     return layout;
 }
 
-LL_HOST_DEVICE inline size_t data_bank_offset(int num_ranks, int max_tokens, int hidden, int num_experts, int bank) {
-    return data_start(num_ranks) + static_cast<size_t>(bank) * data_layout(max_tokens, hidden, num_experts).total;
+LL_HOST_DEVICE inline size_t data_bank_offset(int num_ranks, int max_tokens, int hidden, int num_experts,
+                                              int bank) {
+    return data_start(num_ranks) +
+           static_cast<size_t>(bank) * data_layout(max_tokens, hidden, num_experts).total;
 }
 
 // Bytes a block needs for calls of these sizes (what Buffer.get_low_latency_rdma_size_hint gives).

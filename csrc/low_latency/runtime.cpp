@@ -19,17 +19,24 @@ void require(bool condition, const std::string& message) {
 
 void cuda_check(cudaError_t status, const char* what) {
     if (status != cudaSuccess)
-        throw std::runtime_error(std::string("deepep_megatron low-latency: ") + what + ": " + cudaGetErrorString(status));
+        throw std::runtime_error(std::string("deepep_megatron low-latency: ") + what + ": " +
+                                 cudaGetErrorString(status));
 }
 
 const char* phase_name(int phase) {
     switch (phase) {
-        case kWaitDispatchRelease: return "low_latency_dispatch send (waiting for the receiver to release the bank)";
-        case kWaitDispatchCount: return "low_latency_dispatch receive (token count)";
-        case kWaitDispatchData: return "low_latency_dispatch receive (token data)";
-        case kWaitCombineRelease: return "low_latency_combine send (waiting for the token owner to release the bank)";
-        case kWaitCombineData: return "low_latency_combine receive (expert outputs)";
-        default: return "an unknown phase";
+        case kWaitDispatchRelease:
+            return "low_latency_dispatch send (waiting for the receiver to release the bank)";
+        case kWaitDispatchCount:
+            return "low_latency_dispatch receive (token count)";
+        case kWaitDispatchData:
+            return "low_latency_dispatch receive (token data)";
+        case kWaitCombineRelease:
+            return "low_latency_combine send (waiting for the token owner to release the bank)";
+        case kWaitCombineData:
+            return "low_latency_combine receive (expert outputs)";
+        default:
+            return "an unknown phase";
     }
 }
 
@@ -64,8 +71,9 @@ LowLatencyRuntime::LowLatencyRuntime(int rank, int num_ranks, int64_t block_addr
                "cudaDeviceGetAttribute");
     cuda_check(cudaMalloc(&peer_bases_device_, sizeof(uint64_t) * num_ranks), "cudaMalloc");
     std::vector<uint64_t> bases(peer_bases.begin(), peer_bases.end());
-    cuda_check(cudaMemcpy(peer_bases_device_, bases.data(), sizeof(uint64_t) * num_ranks, cudaMemcpyHostToDevice),
-               "cudaMemcpy");
+    cuda_check(
+        cudaMemcpy(peer_bases_device_, bases.data(), sizeof(uint64_t) * num_ranks, cudaMemcpyHostToDevice),
+        "cudaMemcpy");
     void* record = nullptr;
     cuda_check(cudaHostAlloc(&record, sizeof(TimeoutRecord), cudaHostAllocMapped), "cudaHostAlloc");
     std::memset(record, 0, sizeof(TimeoutRecord));
@@ -96,9 +104,11 @@ void LowLatencyRuntime::destroy() {
     block_ = nullptr;  // the block itself belongs to the caller (NVSHMEM allocation)
 }
 
-int64_t LowLatencyRuntime::required_bytes(int64_t max_tokens, int64_t hidden, int64_t num_ranks, int64_t num_experts) {
-    return static_cast<int64_t>(low_latency::required_bytes(static_cast<int>(max_tokens), static_cast<int>(hidden),
-                                                            static_cast<int>(num_ranks), static_cast<int>(num_experts)));
+int64_t LowLatencyRuntime::required_bytes(int64_t max_tokens, int64_t hidden, int64_t num_ranks,
+                                          int64_t num_experts) {
+    return static_cast<int64_t>(
+        low_latency::required_bytes(static_cast<int>(max_tokens), static_cast<int>(hidden),
+                                    static_cast<int>(num_ranks), static_cast<int>(num_experts)));
 }
 
 Symmetric LowLatencyRuntime::symmetric(int bank, int max_tokens, int hidden, int num_experts) const {
@@ -116,24 +126,27 @@ WaitContext LowLatencyRuntime::wait_context() const {
     return WaitContext{reinterpret_cast<int*>(block_), record_device_, timeout_ns_, rank_};
 }
 
-void LowLatencyRuntime::check_sizes(int64_t max_tokens, int64_t hidden, int64_t num_experts, int64_t num_sms) const {
+void LowLatencyRuntime::check_sizes(int64_t max_tokens, int64_t hidden, int64_t num_experts,
+                                    int64_t num_sms) const {
     require(!destroyed_, "the runtime was destroyed");
     require(max_tokens >= 1 && hidden >= 2 && hidden % 2 == 0, "bad token count or hidden size");
-    require(num_experts >= num_ranks_ && num_experts % num_ranks_ == 0, "num_experts must be a multiple of the ranks");
+    require(num_experts >= num_ranks_ && num_experts % num_ranks_ == 0,
+            "num_experts must be a multiple of the ranks");
     require(num_experts / num_ranks_ <= kMaxLocalExperts, "too many experts per rank");
     require(num_sms >= 1, "num_sms must be positive");
-    const size_t needed = low_latency::required_bytes(static_cast<int>(max_tokens), static_cast<int>(hidden), num_ranks_,
-                                                      static_cast<int>(num_experts));
-    require(needed <= block_bytes_, "the buffer holds " + std::to_string(block_bytes_) + " bytes, these sizes need " +
-                                        std::to_string(needed) + " (Buffer.get_low_latency_rdma_size_hint)");
+    const size_t needed = low_latency::required_bytes(static_cast<int>(max_tokens), static_cast<int>(hidden),
+                                                      num_ranks_, static_cast<int>(num_experts));
+    require(needed <= block_bytes_, "the buffer holds " + std::to_string(block_bytes_) +
+                                        " bytes, these sizes need " + std::to_string(needed) +
+                                        " (Buffer.get_low_latency_rdma_size_hint)");
 }
 
 std::string LowLatencyRuntime::describe_timeout() const {
     std::ostringstream message;
-    message << "deepep_megatron: rank " << record_->rank << " timed out after " << static_cast<double>(timeout_ns_) / 1e9
-            << " s in " << phase_name(record_->phase) << " waiting for rank " << record_->peer << " (expected "
-            << record_->expected << ", saw " << record_->seen
-            << "). Did every rank of the group make the same low-latency calls?";
+    message << "deepep_megatron: rank " << record_->rank << " timed out after "
+            << static_cast<double>(timeout_ns_) / 1e9 << " s in " << phase_name(record_->phase)
+            << " waiting for rank " << record_->peer << " (expected " << record_->expected << ", saw "
+            << record_->seen << "). Did every rank of the group make the same low-latency calls?";
     return message.str();
 }
 
@@ -146,12 +159,11 @@ void LowLatencyRuntime::check_health() {
     if (failed_) throw DeviceTimeout("deepep_megatron: an earlier low-latency call of this buffer timed out");
 }
 
-std::shared_ptr<DispatchCall> LowLatencyRuntime::dispatch(const at::Tensor& x, const at::Tensor& topk_idx,
-                                                          int64_t max_tokens, int64_t num_experts, bool use_fp8,
-                                                          bool round_scale, bool use_ue8m0, int64_t bank,
-                                                          int64_t num_sms, bool receive,
-                                                          const std::optional<at::Tensor>& cumulative_recv_stats,
-                                                          const std::optional<at::Tensor>& wait_recv_stats) {
+std::shared_ptr<DispatchCall> LowLatencyRuntime::dispatch(
+    const at::Tensor& x, const at::Tensor& topk_idx, int64_t max_tokens, int64_t num_experts, bool use_fp8,
+    bool round_scale, bool use_ue8m0, int64_t bank, int64_t num_sms, bool receive,
+    const std::optional<at::Tensor>& cumulative_recv_stats,
+    const std::optional<at::Tensor>& wait_recv_stats) {
     check_health();
     check_cuda_tensor(x, "x", at::kBFloat16, 2);
     check_cuda_tensor(topk_idx, "topk_idx", at::kLong, 2);
@@ -161,9 +173,11 @@ std::shared_ptr<DispatchCall> LowLatencyRuntime::dispatch(const at::Tensor& x, c
     require(num_topk >= 1 && num_topk <= kMaxTopk, "top-k out of range");
     require(!use_fp8 || hidden % kScaleBlock == 0, "FP8 needs hidden % 128 == 0");
     require(bank == 0 || bank == 1, "bank must be 0 or 1");
-    const size_t shared = dispatch_shared_bytes(static_cast<int>(num_experts), static_cast<int>(num_experts / num_ranks_),
-                                                num_ranks_, static_cast<int>(num_tokens * num_topk));
-    require(shared <= static_cast<size_t>(max_shared_bytes_), "too many experts for the kernels' shared memory");
+    const size_t shared =
+        dispatch_shared_bytes(static_cast<int>(num_experts), static_cast<int>(num_experts / num_ranks_),
+                              num_ranks_, static_cast<int>(num_tokens * num_topk));
+    require(shared <= static_cast<size_t>(max_shared_bytes_),
+            "too many experts for the kernels' shared memory");
     c10::cuda::CUDAGuard guard(x.device());
 
     auto call = std::make_shared<DispatchCall>();
@@ -171,12 +185,14 @@ std::shared_ptr<DispatchCall> LowLatencyRuntime::dispatch(const at::Tensor& x, c
     const auto on_device = x.options();
     call->x = aligned_contiguous(x);
     call->topk_idx = topk_idx.contiguous();
-    call->recv_x = at::empty({experts, capacity, hidden}, on_device.dtype(use_fp8 ? at::kFloat8_e4m3fn : at::kBFloat16));
+    call->recv_x =
+        at::empty({experts, capacity, hidden}, on_device.dtype(use_fp8 ? at::kFloat8_e4m3fn : at::kBFloat16));
     if (use_fp8) {
         const int64_t num_scales = hidden / kScaleBlock;
         const int64_t columns = use_ue8m0 ? (num_scales + 3) / 4 : num_scales;
-        call->recv_scales = at::empty({experts, columns, capacity}, on_device.dtype(use_ue8m0 ? at::kInt : at::kFloat))
-                                .transpose(1, 2);
+        call->recv_scales =
+            at::empty({experts, columns, capacity}, on_device.dtype(use_ue8m0 ? at::kInt : at::kFloat))
+                .transpose(1, 2);
     }
     call->recv_count = at::empty({experts}, on_device.dtype(at::kInt));
     call->recv_src_info = at::empty({experts, capacity}, on_device.dtype(at::kInt));
@@ -226,13 +242,12 @@ void LowLatencyRuntime::dispatch_receive(DispatchCall& call) {
     call.received = true;
 }
 
-std::shared_ptr<CombineCall> LowLatencyRuntime::combine(const at::Tensor& x, const at::Tensor& topk_idx,
-                                                        const at::Tensor& topk_weights, const at::Tensor& recv_count,
-                                                        const at::Tensor& recv_src_info, const at::Tensor& recv_route,
-                                                        int64_t max_tokens, int64_t num_experts, int64_t bank,
-                                                        bool zero_copy, const std::optional<at::Tensor>& out,
-                                                        int64_t num_sms, bool receive,
-                                                        const std::optional<at::Tensor>& wait_recv_stats) {
+std::shared_ptr<CombineCall> LowLatencyRuntime::combine(
+    const at::Tensor& x, const at::Tensor& topk_idx, const at::Tensor& topk_weights,
+    const at::Tensor& recv_count, const at::Tensor& recv_src_info, const at::Tensor& recv_route,
+    int64_t max_tokens, int64_t num_experts, int64_t bank, bool zero_copy,
+    const std::optional<at::Tensor>& out, int64_t num_sms, bool receive,
+    const std::optional<at::Tensor>& wait_recv_stats) {
     check_health();
     check_cuda_tensor(x, "x", at::kBFloat16, 3);
     check_cuda_tensor(topk_idx, "topk_idx", at::kLong, 2);
@@ -244,13 +259,14 @@ std::shared_ptr<CombineCall> LowLatencyRuntime::combine(const at::Tensor& x, con
     require(num_tokens <= max_tokens && num_topk >= 1 && num_topk <= kMaxTopk, "top-k shape out of range");
     require(topk_weights.sizes() == topk_idx.sizes(), "topk_weights and topk_idx differ in shape");
     require(bank == 0 || bank == 1, "bank must be 0 or 1");
-    require(combine_shared_bytes(static_cast<int>(experts), num_ranks_) <= static_cast<size_t>(max_shared_bytes_),
-            "too many experts for the kernels' shared memory");
+    require(
+        combine_shared_bytes(static_cast<int>(experts), num_ranks_) <= static_cast<size_t>(max_shared_bytes_),
+        "too many experts for the kernels' shared memory");
     c10::cuda::CUDAGuard guard(x.device());
 
     auto call = std::make_shared<CombineCall>();
-    const Symmetric sym = symmetric(static_cast<int>(bank), static_cast<int>(max_tokens), static_cast<int>(hidden),
-                                    static_cast<int>(num_experts));
+    const Symmetric sym = symmetric(static_cast<int>(bank), static_cast<int>(max_tokens),
+                                    static_cast<int>(hidden), static_cast<int>(num_experts));
     if (zero_copy) {
         const uint8_t* staging = sym.base + sym.data_offset + sym.data.combine_staging;
         require(x.is_contiguous() && static_cast<const void*>(x.data_ptr()) == staging,
@@ -312,16 +328,17 @@ void LowLatencyRuntime::combine_receive(CombineCall& call) {
     call.received = true;
 }
 
-at::Tensor LowLatencyRuntime::combine_buffer(int64_t bank, int64_t max_tokens, int64_t hidden, int64_t num_experts) {
+at::Tensor LowLatencyRuntime::combine_buffer(int64_t bank, int64_t max_tokens, int64_t hidden,
+                                             int64_t num_experts) {
     check_sizes(max_tokens, hidden, num_experts, 1);
     require(bank == 0 || bank == 1, "bank must be 0 or 1");
-    const Symmetric sym = symmetric(static_cast<int>(bank), static_cast<int>(max_tokens), static_cast<int>(hidden),
-                                    static_cast<int>(num_experts));
+    const Symmetric sym = symmetric(static_cast<int>(bank), static_cast<int>(max_tokens),
+                                    static_cast<int>(hidden), static_cast<int>(num_experts));
     const int64_t experts = num_experts / num_ranks_;
     auto options = at::TensorOptions().dtype(at::kBFloat16).device(at::kCUDA, device_);
     // A view of the symmetric block: valid while the Buffer lives (the block outlives no Buffer).
-    return at::from_blob(sym.base + sym.data_offset + sym.data.combine_staging, {experts, num_ranks_ * max_tokens, hidden},
-                         options);
+    return at::from_blob(sym.base + sym.data_offset + sym.data.combine_staging,
+                         {experts, num_ranks_ * max_tokens, hidden}, options);
 }
 
 void LowLatencyRuntime::clean(int64_t max_tokens, int64_t hidden, int64_t num_experts) {
@@ -331,11 +348,13 @@ void LowLatencyRuntime::clean(int64_t max_tokens, int64_t hidden, int64_t num_ex
     // Keep the abort flag: a failed buffer stays failed.
     cuda_check(cudaMemsetAsync(block_ + kControlBytes, 0, data_start(num_ranks_) - kControlBytes, stream),
                "cudaMemsetAsync");
-    const DataLayout data = data_layout(static_cast<int>(max_tokens), static_cast<int>(hidden), static_cast<int>(num_experts));
+    const DataLayout data =
+        data_layout(static_cast<int>(max_tokens), static_cast<int>(hidden), static_cast<int>(num_experts));
     for (int bank = 0; bank < 2; ++bank) {
-        const size_t offset = data_bank_offset(num_ranks_, static_cast<int>(max_tokens), static_cast<int>(hidden),
-                                               static_cast<int>(num_experts), bank) +
-                              data.combine_staging;
+        const size_t offset =
+            data_bank_offset(num_ranks_, static_cast<int>(max_tokens), static_cast<int>(hidden),
+                             static_cast<int>(num_experts), bank) +
+            data.combine_staging;
         cuda_check(cudaMemsetAsync(block_ + offset, 0,
                                    static_cast<size_t>(num_experts) * max_tokens * hidden * 2, stream),
                    "cudaMemsetAsync");

@@ -20,7 +20,7 @@ namespace low_latency {
 
 // Raised (as a Python TimeoutError) once a device-side wait of this buffer has timed out.
 class DeviceTimeout : public std::runtime_error {
-public:
+  public:
     using std::runtime_error::runtime_error;
 };
 
@@ -29,13 +29,14 @@ struct DispatchCall {
     DispatchParams params{};
     int num_blocks = 0;
     bool received = false;
-    at::Tensor x, topk_idx;                       // inputs, kept alive until the receive
-    at::Tensor recv_x;                            // [E_local, R * T, H] e4m3 or bf16
-    std::optional<at::Tensor> recv_scales;        // [E_local, R * T, G] float32 or [.., ceil(G / 4)] int32, column-major
-    at::Tensor recv_count;                        // [E_local] int32
-    at::Tensor recv_src_info;                     // [E_local, R * T] int32
-    at::Tensor recv_route;                        // [E_local, R * T] int32: src * 16 + top-k slot
-    at::Tensor recv_layout_range;                 // [E_local, R] int64
+    at::Tensor x, topk_idx;  // inputs, kept alive until the receive
+    at::Tensor recv_x;       // [E_local, R * T, H] e4m3 or bf16
+    std::optional<at::Tensor>
+        recv_scales;               // [E_local, R * T, G] float32 or [.., ceil(G / 4)] int32, column-major
+    at::Tensor recv_count;         // [E_local] int32
+    at::Tensor recv_src_info;      // [E_local, R * T] int32
+    at::Tensor recv_route;         // [E_local, R * T] int32: src * 16 + top-k slot
+    at::Tensor recv_layout_range;  // [E_local, R] int64
     std::optional<at::Tensor> cumulative_recv_stats, wait_recv_stats;
 };
 
@@ -49,7 +50,7 @@ struct CombineCall {
 };
 
 class LowLatencyRuntime {
-public:
+  public:
     // `block_address`: my symmetric block of `block_bytes`; `peer_bases[r]`: rank r's block mapped
     // into this process (same node), or 0 (another node: reached by NVSHMEM puts).
     LowLatencyRuntime(int rank, int num_ranks, int64_t block_address, int64_t block_bytes,
@@ -61,9 +62,10 @@ public:
     // Bytes a block needs for calls of these sizes (Buffer.get_low_latency_rdma_size_hint mirrors it).
     static int64_t required_bytes(int64_t max_tokens, int64_t hidden, int64_t num_ranks, int64_t num_experts);
 
-    std::shared_ptr<DispatchCall> dispatch(const at::Tensor& x, const at::Tensor& topk_idx, int64_t max_tokens,
-                                           int64_t num_experts, bool use_fp8, bool round_scale, bool use_ue8m0,
-                                           int64_t bank, int64_t num_sms, bool receive,
+    std::shared_ptr<DispatchCall> dispatch(const at::Tensor& x, const at::Tensor& topk_idx,
+                                           int64_t max_tokens, int64_t num_experts, bool use_fp8,
+                                           bool round_scale, bool use_ue8m0, int64_t bank, int64_t num_sms,
+                                           bool receive,
                                            const std::optional<at::Tensor>& cumulative_recv_stats,
                                            const std::optional<at::Tensor>& wait_recv_stats);
     void dispatch_receive(DispatchCall& call);
@@ -71,8 +73,9 @@ public:
     std::shared_ptr<CombineCall> combine(const at::Tensor& x, const at::Tensor& topk_idx,
                                          const at::Tensor& topk_weights, const at::Tensor& recv_count,
                                          const at::Tensor& recv_src_info, const at::Tensor& recv_route,
-                                         int64_t max_tokens, int64_t num_experts, int64_t bank, bool zero_copy,
-                                         const std::optional<at::Tensor>& out, int64_t num_sms, bool receive,
+                                         int64_t max_tokens, int64_t num_experts, int64_t bank,
+                                         bool zero_copy, const std::optional<at::Tensor>& out,
+                                         int64_t num_sms, bool receive,
                                          const std::optional<at::Tensor>& wait_recv_stats);
     void combine_receive(CombineCall& call);
 
@@ -87,7 +90,7 @@ public:
     void check_health();
     void destroy();
 
-private:
+  private:
     Symmetric symmetric(int bank, int max_tokens, int hidden, int num_experts) const;
     WaitContext wait_context() const;
     void check_sizes(int64_t max_tokens, int64_t hidden, int64_t num_experts, int64_t num_sms) const;

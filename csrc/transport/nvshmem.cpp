@@ -41,11 +41,14 @@ void init(const std::string& unique_id, int rank, int num_ranks) {
     require(nvshmemx_init_attr(NVSHMEMX_INIT_WITH_UNIQUEID, &attr) == 0, "nvshmemx_init_attr failed");
     g_initialized = true;
     require(nvshmem_my_pe() == rank && nvshmem_n_pes() == num_ranks,
-            "NVSHMEM reports PE " + std::to_string(nvshmem_my_pe()) + " of " + std::to_string(nvshmem_n_pes()) +
-                ", expected " + std::to_string(rank) + " of " + std::to_string(num_ranks));
+            "NVSHMEM reports PE " + std::to_string(nvshmem_my_pe()) + " of " +
+                std::to_string(nvshmem_n_pes()) + ", expected " + std::to_string(rank) + " of " +
+                std::to_string(num_ranks));
 }
 
-bool initialized() { return g_initialized; }
+bool initialized() {
+    return g_initialized;
+}
 
 int my_pe() {
     require(g_initialized, "not initialised");
@@ -61,9 +64,10 @@ int64_t allocate(int64_t bytes) {
     require(g_initialized, "not initialised");
     require(bytes > 0, "allocation size must be positive");
     void* address = nvshmem_malloc(static_cast<size_t>(bytes));
-    require(address != nullptr, "nvshmem_malloc(" + std::to_string(bytes) +
-                                    ") failed: the symmetric heap is too small (NVSHMEM_SYMMETRIC_SIZE) or the "
-                                    "GPU is out of memory");
+    require(address != nullptr,
+            "nvshmem_malloc(" + std::to_string(bytes) +
+                ") failed: the symmetric heap is too small (NVSHMEM_SYMMETRIC_SIZE) or the "
+                "GPU is out of memory");
     return reinterpret_cast<int64_t>(address);
 }
 
@@ -90,7 +94,8 @@ std::string probe(int64_t symmetric_address) {
     int host_out[3] = {-1, -1, -1};
     launch_probe(reinterpret_cast<void*>(symmetric_address), device_out, nullptr);
     cudaError_t status = cudaDeviceSynchronize();
-    if (status == cudaSuccess) status = cudaMemcpy(host_out, device_out, sizeof(host_out), cudaMemcpyDeviceToHost);
+    if (status == cudaSuccess)
+        status = cudaMemcpy(host_out, device_out, sizeof(host_out), cudaMemcpyDeviceToHost);
     cudaFree(device_out);
     require(status == cudaSuccess, std::string("probe kernel failed: ") + cudaGetErrorString(status));
     const int pe = nvshmem_my_pe(), pes = nvshmem_n_pes();
