@@ -168,6 +168,9 @@ def check_timeout(absent_rank: int):
     )
     x, topk_idx, _ = _inputs(7, rank, 64, 256, 8 * num_ranks, 4, "random")
     if rank == absent_rank:
+        # Absent from the call, not gone: its region must outlive the others' timed-out kernels,
+        # which still write into it (a freed region faults the context every rank shares).
+        dist.barrier()
         return "absent"
     layout = buffer.get_dispatch_layout(topk_idx, 8 * num_ranks)
     start = time.monotonic()
@@ -181,6 +184,7 @@ def check_timeout(absent_rank: int):
     assert f"rank {rank}" in message and f"rank {absent_rank}" in message, message
     with pytest.raises(TimeoutError):  # the buffer stays failed, no hang
         buffer.get_dispatch_layout(topk_idx, 8 * num_ranks)
+    dist.barrier()
     return message
 
 
