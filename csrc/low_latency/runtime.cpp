@@ -96,7 +96,7 @@ LowLatencyRuntime::~LowLatencyRuntime() {
 void LowLatencyRuntime::destroy() {
     if (destroyed_) return;
     destroyed_ = true;
-    if (failed_ || (record_ != nullptr && record_->written)) {
+    if (failed_ || (record_ != nullptr && record_->flag)) {
         // A peer or a not-yet-resident block of a failed call may still write the record or
         // read the peer table: keep both until the process ends (see intranode::Runtime::destroy).
         record_ = nullptr;
