@@ -9,6 +9,7 @@ megatron-core's alltoall dispatcher and a plain reference on the same inputs.
 from __future__ import annotations
 
 import pytest
+import torch
 
 pytest.importorskip("megatron.core")
 
@@ -92,3 +93,22 @@ def test_runner_recognises_flex_deepep(argv, expected):
     from deepep_megatron.megatron.flex import flex_deepep_requested
 
     assert flex_deepep_requested(argv) is expected
+
+
+# ---------------------------------------------------------------------------- GPU
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_flex_dispatcher_matches_reference(gpu_pools):
+    """On CUDA tensors (compiled kernels when built): megatron's flex path with async_finish and
+    its EventOverlap(EventHandle()) ordering, through the dispatcher stages and a whole MoELayer."""
+    pool = gpu_pools(4)
+    flex = pool.run(mt.dispatcher_step, 4, "flex")
+    reference = pool.run(mt.dispatcher_step, 4, "reference")
+    for rank in range(4):
+        assert_close(flex[rank], reference[rank], ["out", "grad_x", "grad_probs"], what=f"rank {rank}")
+    baseline = pool.run(mt.moe_layer_step, 1, "deepep", False, False)
+    layer = pool.run(mt.moe_layer_step, 4, "flex")
+    for rank in range(4):
+        assert_close(layer[rank], baseline[rank], MOE_KEYS, what=f"MoELayer rank {rank}")
