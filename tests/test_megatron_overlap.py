@@ -10,6 +10,10 @@ schedule's streams are real.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -148,3 +152,71 @@ def test_gpu_overlap_schedule_matches_plain_step(gpu_pools, fp8):
     overlapped = pool.run(mo.train_step, 4, "deepep", True, fp8=fp8)
     for rank in range(4):
         assert_same_step(overlapped[rank], plain[rank], 1e-3, REL_TOL, f"fp8={fp8} rank {rank}")
+
+
+# ------------------------------------------------- the example on megatron-core's schedules
+
+
+def test_example_overlap_needs_the_gpu_schedules():
+    """pretrain.py refuses --overlap-moe-expert-parallel-comm where it would run its compact loop
+    (CPU, or --compact-loop), which would silently ignore it."""
+    from tests.test_megatron_pretrain import ROOT, SCRIPT
+
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(SCRIPT),
+            "--config",
+            "tiny",
+            "--expert-model-parallel-size",
+            "1",
+            "--overlap-moe-expert-parallel-comm",
+            "--compact-loop",
+            "--wandb-project",
+            "",
+        ],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode != 0
+    assert "--overlap-moe-expert-parallel-comm runs in megatron-core's schedules" in proc.stderr
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_example_schedules_and_overlap_match_compact_loop(tmp_path):
+    """The proxy preset, EP=4 ranks on one GPU, 3 micro-batches per iteration: megatron-core's
+    schedule gives the compact loop's losses, and so does its EP-overlap schedule."""
+    from tests.test_megatron_pretrain import launch
+
+    common = [
+        "--config",
+        "proxy",
+        "--train-iters",
+        "4",
+        "--expert-model-parallel-size",
+        "4",
+        "--distributed-backend",
+        "gloo",
+        "--seq-length",
+        "512",
+        "--micro-batch-size",
+        "1",
+        "--global-batch-size",
+        "12",
+        "--wandb-project",
+        "",
+    ]
+    env = {"DEEPEP_MEGATRON_SHARE_GPU": "1"}
+    compact = launch(4, [*common, "--compact-loop"], tmp_path / "compact.jsonl", env=env)
+    schedule = launch(4, common, tmp_path / "schedule.jsonl", env=env)
+    overlap = launch(4, [*common, "--overlap-moe-expert-parallel-comm"], tmp_path / "overlap.jsonl", env=env)
+    assert len(compact) == len(schedule) == len(overlap) == 4
+    for ref, ours in zip(compact, schedule):
+        assert abs(ours["train/loss"] - ref["train/loss"]) < 1e-2 * max(1.0, abs(ref["train/loss"]))
+    # The overlap preset drops --moe-shared-expert-overlap (megatron excludes it); same arithmetic.
+    for ref, ours in zip(schedule, overlap):
+        assert abs(ours["train/loss"] - ref["train/loss"]) < 1e-2 * max(1.0, abs(ref["train/loss"]))
