@@ -12,9 +12,12 @@ Why a compact loop and not ``megatron.training.pretrain()``: ``pretrain()`` and 
 pipeline schedules allocate on ``device="cuda"`` in many places (timers, token counts, loss
 reduction, DDP streams), so they cannot run on a CPU; this loop runs the same megatron-core
 pieces -- ``GPTModel``, ``DistributedDataParallel``, ``finalize_model_grads`` (DP gradient
-all-reduce and the expert-bias update), ``get_megatron_optimizer`` -- on either device. On a GPU
-cluster, Megatron-LM's ``pretrain_gpt.py`` works as well (``python -m deepep_megatron.megatron.run
-pretrain_gpt.py ... --moe-token-dispatcher-type deepep``).
+all-reduce and the expert-bias update), ``get_megatron_optimizer`` -- on either device. On the
+GPU the micro-batches of an iteration go through megatron-core's schedule instead
+(``megatron_schedule.py``), so ``--overlap-moe-expert-parallel-comm`` applies; ``--compact-loop``
+keeps the compact loop there too. On a GPU cluster, Megatron-LM's ``pretrain_gpt.py`` works as
+well (``python -m deepep_megatron.megatron.run pretrain_gpt.py ... --moe-token-dispatcher-type
+deepep``).
 
 Data: a synthetic "Markov" corpus generated on the fly (each token has a few likely successors),
 so the loss has somewhere to go: from ln(vocab) towards the chain's entropy (printed at start).
