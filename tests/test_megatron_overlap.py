@@ -46,11 +46,14 @@ def test_overlap_schedule_matches_plain_step(cpu_pools, ep):
     plain = pool.run(mo.train_step, ep, "deepep", False)
     overlapped = pool.run(mo.train_step, ep, "deepep", True)
     alltoall = pool.run(mo.train_step, ep, "alltoall", False)
+    # Control: megatron's own supported pairing (alltoall under the overlap) through this harness.
+    alltoall_overlapped = pool.run(mo.train_step, ep, "alltoall", True)
     expert_grads = [name for name in plain[0]["grads"] if "local_experts" in name]
     assert expert_grads and any(plain[0]["grads"][name].abs().max() > 0 for name in expert_grads)
     for rank in range(4):
         # Same arithmetic in the same order on the CPU: equal up to float noise.
         assert_same_step(overlapped[rank], plain[rank], 1e-6, 1e-6, f"EP={ep} overlap vs plain rank {rank}")
+        assert_same_step(alltoall_overlapped[rank], alltoall[rank], 1e-6, 1e-6, f"EP={ep} alltoall control")
         # Against alltoall only the losses: the two dispatchers sum in different orders, so layer 2
         # sees BF16-different inputs and may route a token differently, which moves the gradients
         # of rarely chosen experts by far more than rounding (dispatcher-level gradients are
