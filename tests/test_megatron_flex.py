@@ -75,6 +75,23 @@ def test_flex_moe_layer_matches_alltoall(cpu_pools):
             assert_close(flex[rank], reference[rank], MOE_KEYS, what=f"EP={ep} rank {rank}")
 
 
+def test_flex_under_overlap_schedule(cpu_pools):
+    """megatron's flex dispatcher on our Buffer also runs under its EP-overlap schedule (the
+    pairing megatron supports: the schedule re-points the flex manager's probabilities at its
+    detached tensors): a 2-MoE-layer GPT step gives the plain step's losses and gradients, and the
+    deepep dispatcher's losses."""
+    from deepep_megatron.testing import megatron_overlap as mo
+    from tests.test_megatron_overlap import assert_same_step
+
+    pool = cpu_pools(4)
+    plain = pool.run(mo.train_step, 4, "flex", False)
+    overlapped = pool.run(mo.train_step, 4, "flex", True)
+    deepep = pool.run(mo.train_step, 4, "deepep", False)
+    for rank in range(4):
+        assert_same_step(overlapped[rank], plain[rank], 1e-6, 1e-6, f"flex overlap vs plain rank {rank}")
+        assert torch.allclose(plain[rank]["losses"], deepep[rank]["losses"], rtol=1e-3, atol=0)
+
+
 @pytest.mark.parametrize(
     "argv, expected",
     [
