@@ -24,7 +24,7 @@ What :func:`install` changes (megatron-core 0.19.2):
    layer. Layers of any other type are untouched.
 4. **EP-communication overlap** (``--overlap-moe-expert-parallel-comm``): the combined 1F1B
    schedule's ``should_free_input`` (``models/common/utils.py``) answers for deepep layers with
-   :func:`~deepep_megatron.megatron.overlap.deepep_frees_input` instead of alltoall's answers
+   :func:`~deepep_megatron.megatron.overlap.deepep_frees_input` instead of the default answers
    (which would free tensors our dispatcher's backward still reads); the schedule's config check
    (alltoall or flex) already passes through 2.
 5. **Logging** (with ``arguments=True``, when Megatron-LM's ``megatron.training`` is used):

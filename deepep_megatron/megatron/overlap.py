@@ -6,16 +6,14 @@ runs the forward of one micro-batch interleaved with the backward of another, la
 each one's dispatch/combine runs on a communication stream while the other computes. It splits a
 transformer layer into four schedule nodes (``models/gpt/fine_grained_callables.py``):
 
-===========================  =========================================================  ========
-node                         MoELayer / dispatcher calls                                stream
-===========================  =========================================================  ========
-``pre_dispatch_computation`` attention, ``route``, ``preprocess`` -> ``dispatch_preprocess``  compute
-``moe_dispatch``             ``dispatch`` -> ``token_dispatch(tokens, probs)``              comm
-``mlp``                      ``routed_experts_compute`` -> ``dispatch_postprocess``,
-                             ``get_expert_zero_copy_buffers``, experts, ``combine_preprocess`` compute
-``moe_combine``              ``combine`` -> ``token_combine``; ``postprocess`` ->
-                             ``combine_postprocess``                                        comm
-===========================  =========================================================  ========
+- ``pre_dispatch_computation`` (compute stream): attention, ``MoELayer.route`` and ``preprocess``
+  -> ``dispatch_preprocess``;
+- ``moe_dispatch`` (communication stream): ``MoELayer.dispatch`` -> ``token_dispatch(tokens, probs)``;
+- ``mlp`` (compute stream): ``routed_experts_compute`` -> ``dispatch_postprocess``,
+  ``get_expert_zero_copy_buffers`` (the base class's ``(None, None)``), the experts,
+  ``combine_preprocess``;
+- ``moe_combine`` (communication stream): ``MoELayer.combine`` -> ``token_combine``, then
+  ``postprocess`` -> ``combine_postprocess``.
 
 Each node detaches its inputs, so the dispatcher must take the probabilities from its arguments,
 not from state saved by an earlier stage (megatron's own flex dispatcher needs the schedule to
@@ -26,9 +24,9 @@ autograd Functions only).
 
 What it does need is the right **free-input policy**. After a node's forward, the schedule may
 release its inputs' storage (``untyped_storage().resize_(0)``) when ``should_free_input`` says the
-backward will not read them. Megatron decides by dispatcher type, and a ``deepep`` layer would get
-the ``alltoall`` answers (``install()`` validates ``deepep`` as ``alltoall``), two of which are
-wrong for it -- :func:`deepep_frees_input` gives the right ones:
+backward will not read them. Megatron decides by dispatcher type; a ``deepep`` layer, being
+neither ``flex`` nor ``alltoall``, would have all three inputs below freed, two of them wrongly
+(the schedule then fails in backward reading freed storage). :func:`deepep_frees_input` answers:
 
 - ``moe_dispatch`` -- inputs: the local tokens ``[N, H]`` and top-k probabilities. Not freed: our
   ``dispatch_preprocess`` returns the tokens as a view of the pre-MLP layernorm output, which the
