@@ -40,3 +40,14 @@ def cpu_pools():
     cache = PoolCache()
     yield cache
     cache.close_all()
+
+
+@pytest.fixture(scope="session")
+def gpu_pools():
+    """`gpu_pools(world_size)`: a live pool of ranks on CUDA tensors (see `GpuPools`), with a
+    60 s wait timeout. For GPU-marked tests only; a module may override it with its own settings."""
+    from deepep_megatron.testing.rank_pool import GpuPools
+
+    pools = GpuPools({"DEEPEP_MEGATRON_TIMEOUT_S": "60"})
+    yield pools
+    pools.close()

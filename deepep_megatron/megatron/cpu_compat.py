@@ -10,7 +10,9 @@ every tensor lives on the CPU:
 - the CUDA RNG tracker (``tensor_parallel.random``) is forked around attention dropout;
 - ``MoEAuxLossAutoScaler``'s loss scale is set on the CUDA device by ``megatron.training``;
 - the alltoall dispatcher's ``maybe_move_tensor_to_cpu`` turns CUDA split sizes into numpy arrays
-  for ``all_to_all_single`` but leaves CPU tensors as tensors, which gloo rejects.
+  for ``all_to_all_single`` but leaves CPU tensors as tensors, which gloo rejects;
+- the EP-overlap schedule (``--overlap-moe-expert-parallel-comm``) calls ``Tensor.record_stream``
+  with its streams, which a CPU tensor rejects for a stand-in stream.
 
 :func:`enable` replaces just these with CPU stand-ins (streams and events that do nothing,
 because CPU work is synchronous, and ``current_device() == "cpu"``), and only when CUDA is not
@@ -120,7 +122,15 @@ def enable() -> bool:
 
     _saved["token_dispatcher.maybe_move_tensor_to_cpu"] = original
     token_dispatcher.maybe_move_tensor_to_cpu = maybe_move_tensor_to_cpu
+    _saved["Tensor.record_stream"] = torch.Tensor.record_stream
+    torch.Tensor.record_stream = _record_stream
     return True
+
+
+def _record_stream(tensor: torch.Tensor, stream) -> None:
+    """``Tensor.record_stream`` that ignores the stand-in streams (nothing to order on the CPU)."""
+    if not isinstance(stream, CpuStream):
+        _saved["Tensor.record_stream"](tensor, stream)
 
 
 def disable() -> None:
@@ -130,6 +140,8 @@ def disable() -> None:
             from megatron.core.transformer.moe import token_dispatcher
 
             token_dispatcher.maybe_move_tensor_to_cpu = value
+        elif name == "Tensor.record_stream":
+            torch.Tensor.record_stream = value
         else:
             setattr(torch.cuda, name, value)
     _saved.clear()
