@@ -34,7 +34,6 @@ def setup(ep: int, seed: int = 1234) -> None:
     """(Re)initialise megatron-core's parallel state with expert parallelism ``ep`` over the
     whole world (the rest is data parallelism), install the deepep dispatcher and the CPU
     stand-ins where there is no GPU."""
-    from megatron.core import parallel_state as ps
     from megatron.core import tensor_parallel
 
     from deepep_megatron.megatron import cpu_compat, install, release_buffers
@@ -42,12 +41,37 @@ def setup(ep: int, seed: int = 1234) -> None:
     cpu_compat.enable()
     install(arguments=False)
     release_buffers()
-    if ps.model_parallel_is_initialized():
-        ps.destroy_model_parallel()
-    ps.initialize_model_parallel(expert_model_parallel_size=ep)
+    _parallel_state(ep)
     torch.manual_seed(seed)
     if torch.cuda.is_available():
         tensor_parallel.model_parallel_cuda_manual_seed(seed)
+
+
+def _parallel_state(ep: int) -> None:
+    """megatron-core's parallel state with EP ``ep``, reused when a test before set up the same.
+
+    megatron builds a few dozen process groups per initialisation and ``destroy_model_parallel``
+    only forgets them: on gloo each keeps its threads, and a rank pool shared by many tests grew
+    to thousands of threads per rank (the machine's load average in the thousands). So the groups
+    are destroyed whenever the state goes (here and in :func:`teardown`)."""
+    from megatron.core import parallel_state as ps
+
+    if ps.model_parallel_is_initialized():
+        if ps.get_expert_model_parallel_world_size() == ep:
+            return
+        _destroy_parallel_state()
+    ps.initialize_model_parallel(expert_model_parallel_size=ep)
+
+
+def _destroy_parallel_state() -> None:
+    """Forget megatron-core's parallel state and destroy its process groups (every group but
+    the default one: the rank pools use only that)."""
+    from megatron.core import parallel_state as ps
+
+    ps.destroy_model_parallel()
+    for group in list(dist.distributed_c10d._world.pg_map):
+        if group is not dist.group.WORLD:
+            dist.destroy_process_group(group)
 
 
 def teardown() -> None:
@@ -62,7 +86,7 @@ def teardown() -> None:
     configure()
     release_buffers()
     if ps.model_parallel_is_initialized():
-        ps.destroy_model_parallel()
+        _destroy_parallel_state()
     uninstall()
     cpu_compat.disable()
 
