@@ -83,6 +83,14 @@ def test_summaries_report_min_and_mean_over_ranks():
     assert summary["combine_bf16"]["gbps_mean"] == pytest.approx(0.0384)  # same bytes as dispatch
     assert summary["dispatch_fp8"]["gbps_mean"] == pytest.approx(0.0384 * 0.515625)
 
+    # Groups spanning nodes: the bytes that cross nodes over the same median times.
+    network = {"dispatch_bf16": 5000, "dispatch_fp8": 2600, "combine_bf16": 10000}
+    spanning = [dict(rank, network_bytes=network) for rank in ranks]
+    rdma = {row["op"]: row for row in summarize_normal(spanning, hidden=128)}
+    assert rdma["dispatch_bf16"]["rdma_gbps"] == pytest.approx([5e-3, 5e-3])
+    assert rdma["combine_bf16"]["rdma_gbps_mean"] == pytest.approx(1e-2)
+    assert "rdma_gbps" not in summary["dispatch_bf16"]  # within one node: not reported
+
     ll_ops = ("low_latency_dispatch_fp8", "low_latency_combine_bf16")
     ll_ranks = [{"num_selections": 10, "times_s": {op: [t, t, t] for op in ll_ops}} for t in (1e-5, 3e-5)]
     ll = {row["op"]: row for row in summarize_low_latency(ll_ranks, hidden=128)}
