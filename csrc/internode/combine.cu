@@ -99,14 +99,14 @@ template <typename Vec>
 __device__ void sum_rows(const CombineParams& p, const NodeInputs& inputs, const int* rows, float* partial,
                          int lane) {
     using F = Floats<Vec>;
-    const Group& g = p.group;
     const int num_vectors = p.hidden / F::kValues;
     const int64_t row_bytes = static_cast<int64_t>(p.hidden) * 2;
     for (int i = lane; i < num_vectors; i += 32) {
         float acc[F::kValues];
 #pragma unroll
         for (int v = 0; v < F::kValues; ++v) acc[v] = 0.0f;
-        for (int local = 0; local < g.ranks_per_node; ++local) {
+#pragma unroll
+        for (int local = 0; local < MAX_RANKS_PER_NODE; ++local) {  // unrolled: `rows` stays in registers
             if (rows[local] < 0) continue;
             const Vec* row = reinterpret_cast<const Vec*>(inputs.x[local] + rows[local] * row_bytes);
             accumulate_bf16(acc, load_peer(row + i));
@@ -115,7 +115,8 @@ __device__ void sum_rows(const CombineParams& p, const NodeInputs& inputs, const
     }
     if (p.num_topk > 0 && lane < p.num_topk) {
         float sum = 0.0f;
-        for (int local = 0; local < g.ranks_per_node; ++local)
+#pragma unroll
+        for (int local = 0; local < MAX_RANKS_PER_NODE; ++local)
             if (rows[local] >= 0)
                 sum += load_landed(inputs.weights[local] + static_cast<int64_t>(rows[local]) * p.num_topk +
                                    lane);
@@ -214,7 +215,8 @@ __device__ void reduce_tokens(const CombineParams& p) {
         }
         if (p.combined_weights != nullptr && lane < p.num_topk) {
             float sum = 0.0f;
-            for (int node = 0; node < g.num_nodes; ++node) {
+#pragma unroll
+            for (int node = 0; node < MAX_NODES; ++node) {  // unrolled: `partials` stays in registers
                 if (partials[node] == nullptr) continue;
                 sum += load_landed(
                     reinterpret_cast<const float*>(reinterpret_cast<const uint8_t*>(partials[node]) +

@@ -49,14 +49,20 @@ __device__ __forceinline__ void copy_to_targets(Vec* const* targets, int num_tar
     }
 }
 
-template <typename Vec>
-__device__ __forceinline__ Vec load_input_vector(const Vec* address) {
-    return load_streaming(address);
-}
-template <typename Vec>
-__device__ __forceinline__ Vec load_record_vector(const Vec* address) {
-    return load_peer(address);
-}
+// How a copy reads: inputs once through the read-only path; records (written by peers or by the
+// previous kernel) coherently, skipping L1.
+struct InputLoad {
+    template <typename Vec>
+    __device__ __forceinline__ Vec operator()(const Vec* address) const {
+        return load_streaming(address);
+    }
+};
+struct RecordLoad {
+    template <typename Vec>
+    __device__ __forceinline__ Vec operator()(const Vec* address) const {
+        return load_peer(address);
+    }
+};
 
 // ------------------------------------------------------------------------------------ send
 __device__ void announce_dispatch(const DispatchParams& p) {
@@ -84,8 +90,7 @@ __device__ void write_record(const DispatchParams& p, int token, uint8_t* record
     }
     Vec* payload = reinterpret_cast<Vec*>(record + layout.payload);
     const Vec* source = reinterpret_cast<const Vec*>(p.x + static_cast<int64_t>(token) * p.row_bytes);
-    copy_to_targets(&payload, 1, source, p.row_bytes / static_cast<int>(sizeof(Vec)), lane,
-                    load_input_vector<Vec>);
+    copy_to_targets(&payload, 1, source, p.row_bytes / static_cast<int>(sizeof(Vec)), lane, InputLoad{});
     float* scales = reinterpret_cast<float*>(record + layout.scales);
     for (int i = lane; i < p.num_scales; i += 32)
         scales[i] = p.scales[static_cast<int64_t>(token) * p.num_scales + i];
@@ -227,8 +232,9 @@ __device__ void forward_records(const DispatchParams& p, const NodeTargets& targ
                                            static_cast<int64_t>(rows[local]) * p.row_bytes);
         }
         copy_to_targets(payload_targets, g.ranks_per_node, reinterpret_cast<const Vec*>(record + rec.payload),
-                        p.row_bytes / static_cast<int>(sizeof(Vec)), lane, load_record_vector<Vec>);
-        for (int local = 0; local < g.ranks_per_node; ++local) {
+                        p.row_bytes / static_cast<int>(sizeof(Vec)), lane, RecordLoad{});
+#pragma unroll
+        for (int local = 0; local < MAX_RANKS_PER_NODE; ++local) {  // unrolled: `rows` stays in registers
             if (rows[local] < 0) continue;
             forward_metadata(p, record, targets.block[local], targets.layout[local], rows[local],
                              g.node * g.ranks_per_node + local, src_token, lane);

@@ -86,8 +86,7 @@ def rdma_size_hint(
     return int(
         runtime.required_bytes(
             num_max_tokens_per_rank,
-            hidden * 2,
-            hidden // limits.FP8_BLOCK_SIZE,
+            hidden,
             num_topk,
             num_ranks,
             num_ranks_per_node,
@@ -274,7 +273,6 @@ class InternodeBackend:
             records_from_node=[int(to_node[src, self.node]) for src in sources],
             tokens_to_node=to_node[self.rank].tolist(),
         )
-        self._check_block(routes, x, request.scales, request.topk_idx)
 
         send_slot = (is_token_in_rank.int().cumsum(0, dtype=torch.int32) - 1).masked_fill_(
             ~is_token_in_rank, -1
@@ -308,8 +306,10 @@ class InternodeBackend:
             num_recv_tokens_per_expert_list=per_expert_list,
             backend_state=routes,
         )
+        # Without weights the kernels still move zeros; the API returns None, as the portable backend.
+        recv_weights = outputs.recv_topk_weights if request.topk_weights is not None else None
         return DispatchResult(
-            outputs.recv_x, outputs.recv_scales, outputs.recv_topk_idx, outputs.recv_topk_weights, handle
+            outputs.recv_x, outputs.recv_scales, outputs.recv_topk_idx, recv_weights, handle
         )
 
     def _route_args(self, routes: _Routes) -> dict:
@@ -323,29 +323,9 @@ class InternodeBackend:
             "num_recv_tokens": routes.num_recv_tokens,
         }
 
-    def _check_block(self, routes: _Routes, x, scales, topk_idx) -> None:
-        """The symmetric block must hold this call's areas; every rank computes the same sizes, so
-        every rank raises together, before any kernel."""
-        needed = self.runtime.required_bytes(
-            routes.max_tokens,
-            x.size(1) * x.element_size(),
-            0 if scales is None else scales.size(1),
-            0 if topk_idx is None else topk_idx.size(1),
-            self.num_ranks,
-            self.ranks_per_node,
-            routes.max_recv_rows,
-        )
-        if needed > self.block.num_bytes:
-            raise ValueError(
-                f"num_rdma_bytes={self.block.num_bytes} is too small for this dispatch ({routes.max_tokens} "
-                f"tokens on the busiest rank, {routes.max_recv_rows} rows received at most): it needs "
-                f"{needed} (deepep_megatron.backends.internode.rdma_size_hint)"
-            )
-
     def _dispatch_cached(self, request: DispatchRequest, runtime) -> DispatchResult:
         handle = request.handle
         routes: _Routes = handle.backend_state
-        self._check_block(routes, request.x, request.scales, None)
         outputs = runtime.dispatch(
             _args(
                 nvshmem.module.InternodeDispatchArgs,
