@@ -134,3 +134,10 @@ def test_metrics_report_rdma_bandwidth():
     assert (
         int(call_network_bytes("combine", layout.is_token_in_rank, 0, 2, row)) == pairs * row.combine_bytes()
     )
+
+
+def test_a_rank_without_tokens_reports_zero_tokens_per_node():
+    """Regression: the per-node view of an empty `is_token_in_rank` used to fail to reshape."""
+    layout = dispatch_layout(torch.empty((0, 4), dtype=torch.int64), 32, 8, 2)
+    assert layout.num_tokens_per_rdma_rank.tolist() == [0, 0, 0, 0]
+    assert network_bytes(layout.num_tokens_per_rdma_rank, 3, 2, RowFormat(64)) == NetworkBytes(0, 0, 0)

@@ -9,10 +9,11 @@ reverse: the forwarding rank sums, in fp32, what its node's ranks computed for t
 one partial sum over the network to the token's home rank, which adds the partial sums (nodes in
 ascending order) and the biases. `csrc/internode/README.md` has the protocol.
 
-Per call, this adapter exchanges the counts (one all-gather over the Buffer's group: the host
-sync of a fresh dispatch), derives where every row goes (send slots, node slots, the count
-matrix), checks the sizes on every rank alike (so a refusal happens everywhere, before any
-kernel), and runs the kernels. Results: dispatch rows, order and values are the portable
+Per fresh dispatch, this adapter exchanges the counts (one all-gather over the Buffer's group: the
+host sync of a fresh dispatch), derives where every row goes (`internode_routes.plan_dispatch`:
+send slots, node slots, the count matrix) and runs the kernels; the runtime checks the sizes
+derived from the exchanged counts, identically on every rank, so too small a buffer is refused
+everywhere (`ValueError`) before any kernel. Results: dispatch rows, order and values are the portable
 backend's bit for bit; combine equals a sum of each token's rows in fp32 taken node by node
 (ranks ascending within a node, then nodes ascending), then the biases, rounded once to bf16, which
 can differ from the portable backend's rank-by-rank fp32 order in the last bit of bf16.
@@ -30,6 +31,7 @@ import torch.distributed as dist
 
 import deepep_megatron.limits as limits
 from deepep_megatron.backends import nvshmem
+from deepep_megatron.backends.internode_routes import Routes, local_counts, plan_dispatch, tokens_in_node
 from deepep_megatron.backends.portable import dispatch_layout
 from deepep_megatron.backends.protocols import (
     BackendUnavailable,
@@ -42,7 +44,6 @@ from deepep_megatron.backends.protocols import (
     LayoutRequest,
     Topology,
 )
-from deepep_megatron.config import align_up
 from deepep_megatron.handle import DispatchHandle
 
 TIMEOUT_ENV = "DEEPEP_MEGATRON_TIMEOUT_S"  # bound on every device-side wait (default 100 s)
@@ -101,39 +102,6 @@ def create(group: dist.ProcessGroup, topology: Topology, sizes: BufferSizes) -> 
 
 def timeout_seconds() -> float:
     return float(os.environ.get(TIMEOUT_ENV, "100"))
-
-
-class _Routes:
-    """Where the rows of one dispatch go, kept by its handle for combine and cached dispatches.
-
-    max_tokens: the most tokens any rank sends (sizes the per-node landing areas);
-    max_recv_rows: the most rows any rank receives (sizes the receive and combine-input areas);
-    num_recv_rows: rows this rank returns (`num_worst_tokens` or the received count);
-    num_recv_tokens: rows this rank received;
-    node_slot: `[N, nodes]` int32 (device), a token's index among this rank's tokens to that node;
-    own_node_tokens: `[n]` int32 (device), this rank's tokens that go to its own node, ascending;
-    records_from_node: per source node, the tokens rank (node, my local index) sends to my node
-        (the records I forward, and the partial sums I return);
-    tokens_to_node: per node, this rank's tokens that go there (the partial sums it gets back);
-    forward_rows: `[nodes, max_tokens, ranks_per_node]` int32 (device), filled by the dispatch: for
-        each record this rank forwarded, the row at each rank of its node (-1: none).
-    """
-
-    __slots__ = (
-        "max_tokens",
-        "max_recv_rows",
-        "num_recv_rows",
-        "num_recv_tokens",
-        "node_slot",
-        "own_node_tokens",
-        "records_from_node",
-        "tokens_to_node",
-        "forward_rows",
-    )
-
-    def __init__(self, **fields):
-        for name in self.__slots__:
-            setattr(self, name, fields.get(name))
 
 
 class InternodeBackend:
@@ -202,82 +170,35 @@ class InternodeBackend:
         return dispatch_layout(request.topk_idx, request.num_experts, self.num_ranks, self.ranks_per_node)
 
     # ------------------------------------------------------------------ dispatch
-    def _exchange_counts(self, request: DispatchRequest, in_node: torch.Tensor) -> torch.Tensor:
-        """`[R, 1 + R + nodes + E]` int64 on the host: every rank's token count, its tokens per
-        destination rank, per destination node and its selections per expert (one all-gather: the
-        host sync of a fresh dispatch)."""
-        mine = torch.cat(
-            [
-                torch.tensor([request.x.size(0)], dtype=torch.int64, device=request.x.device),
-                request.is_token_in_rank.sum(0, dtype=torch.int64),
-                in_node.sum(0, dtype=torch.int64),
-                request.num_tokens_per_expert.long(),
-            ]
-        )
+    def _exchange_counts(self, mine: torch.Tensor) -> torch.Tensor:
+        """Every rank's `local_counts`, `[R, ...]` int64 on the host (one all-gather: the host sync
+        of a fresh dispatch)."""
         if dist.get_backend(self.group) == "gloo":
             mine = mine.cpu()
         gathered = [torch.empty_like(mine) for _ in range(self.num_ranks)]
         dist.all_gather(gathered, mine, group=self.group)
         return torch.stack(gathered).cpu()
 
-    def _node_slots(self, is_token_in_rank: torch.Tensor):
-        """`([N, nodes] int32 node slots, [N, nodes] bool)`: a token's index among this rank's tokens
-        to each node (-1 where it does not go)."""
-        num_tokens = is_token_in_rank.size(0)
-        in_node = is_token_in_rank.view(num_tokens, self.num_nodes, self.ranks_per_node).any(-1)
-        node_slot = (in_node.int().cumsum(0, dtype=torch.int32) - 1).masked_fill_(~in_node, -1)
-        return node_slot, in_node
-
     def dispatch(self, request: DispatchRequest) -> DispatchResult:
         runtime = self._live_runtime()
         if request.is_cached:
             return self._dispatch_cached(request, runtime)
-        x = request.x
-        num_tokens, hidden = x.shape
-        num_experts = request.num_tokens_per_expert.numel()
-        experts_per_rank = num_experts // self.num_ranks
-        is_token_in_rank = request.is_token_in_rank
-        node_slot, in_node = self._node_slots(is_token_in_rank)
-        counts = self._exchange_counts(request, in_node)
-        R, nodes = self.num_ranks, self.num_nodes
-        tokens_per_rank = counts[:, 0]
-        count_matrix = counts[:, 1 : 1 + R]  # [src, dst]
-        to_node = counts[:, 1 + R : 1 + R + nodes]  # [src, node]
-        expert_counts = counts[:, 1 + R + nodes :]
-        recv_totals = count_matrix.sum(0)
-        num_recv = int(recv_totals[self.rank])
-        if request.num_worst_tokens > 0:
-            over = [r for r in range(R) if int(recv_totals[r]) > request.num_worst_tokens]
-            if over:  # every rank sees the same totals, so every rank raises
-                raise RuntimeError(
-                    f"ranks {over} would receive {[int(recv_totals[r]) for r in over]} tokens, "
-                    f"more than num_worst_tokens={request.num_worst_tokens}"
-                )
-        num_rows = request.num_worst_tokens or num_recv
-        mine = slice(self.rank * experts_per_rank, (self.rank + 1) * experts_per_rank)
-        per_expert = expert_counts[:, mine].sum(0).tolist()
-        per_expert_list = (
-            []
-            if request.num_worst_tokens > 0
-            else [align_up(c, request.expert_alignment) for c in per_expert]
+        x, is_token_in_rank = request.x, request.is_token_in_rank
+        in_node = tokens_in_node(is_token_in_rank, self.ranks_per_node)
+        gathered = self._exchange_counts(
+            local_counts(is_token_in_rank, in_node, request.num_tokens_per_expert)
         )
-        local = self.rank % self.ranks_per_node
-        sources = [node * self.ranks_per_node + local for node in range(nodes)]
-        routes = _Routes(
-            max_tokens=max(1, int(tokens_per_rank.max())),
-            max_recv_rows=max(1, int(recv_totals.max()), num_rows),
-            num_recv_rows=num_rows,
-            num_recv_tokens=num_recv,
-            node_slot=node_slot,
-            own_node_tokens=in_node[:, self.node].nonzero().view(-1).to(torch.int32),
-            records_from_node=[int(to_node[src, self.node]) for src in sources],
-            tokens_to_node=to_node[self.rank].tolist(),
+        plan = plan_dispatch(
+            self.rank,
+            self.ranks_per_node,
+            is_token_in_rank,
+            gathered,
+            num_worst_tokens=request.num_worst_tokens,
+            expert_alignment=request.expert_alignment,
         )
-
-        send_slot = (is_token_in_rank.int().cumsum(0, dtype=torch.int32) - 1).masked_fill_(
-            ~is_token_in_rank, -1
-        )
-        device_matrix = count_matrix.to(torch.int32).to(x.device)
+        routes = plan.routes
+        device_matrix = plan.count_matrix.to(torch.int32).to(x.device)
+        experts_per_rank = request.num_tokens_per_expert.numel() // self.num_ranks
         outputs = runtime.dispatch(
             _args(
                 nvshmem.module.InternodeDispatchArgs,
@@ -285,7 +206,7 @@ class InternodeBackend:
                 scales=request.scales,
                 topk_idx=request.topk_idx,
                 topk_weights=request.topk_weights,
-                send_slot=send_slot,
+                send_slot=plan.send_slot,
                 count_matrix=device_matrix,
                 **self._route_args(routes),
                 experts_per_rank=experts_per_rank if request.topk_idx is not None else 0,
@@ -295,15 +216,15 @@ class InternodeBackend:
         routes.forward_rows = outputs.forward_rows
         handle = DispatchHandle(
             backend=self,
-            num_tokens=num_tokens,
-            hidden=hidden,
-            num_recv_rows=num_rows,
-            num_recv_tokens=num_recv,
+            num_tokens=x.size(0),
+            hidden=x.size(1),
+            num_recv_rows=routes.num_recv_rows,
+            num_recv_tokens=routes.num_recv_tokens,
             is_token_in_rank=is_token_in_rank,
             num_tokens_matrix=device_matrix,
-            send_slot=send_slot,
+            send_slot=plan.send_slot,
             recv_src_idx=outputs.recv_src_idx,
-            num_recv_tokens_per_expert_list=per_expert_list,
+            num_recv_tokens_per_expert_list=plan.num_recv_tokens_per_expert,
             backend_state=routes,
         )
         # Without weights the kernels still move zeros; the API returns None, as the portable backend.
@@ -312,7 +233,7 @@ class InternodeBackend:
             outputs.recv_x, outputs.recv_scales, outputs.recv_topk_idx, recv_weights, handle
         )
 
-    def _route_args(self, routes: _Routes) -> dict:
+    def _route_args(self, routes: Routes) -> dict:
         return {
             "node_slot": routes.node_slot,
             "own_node_tokens": routes.own_node_tokens,
@@ -325,7 +246,7 @@ class InternodeBackend:
 
     def _dispatch_cached(self, request: DispatchRequest, runtime) -> DispatchResult:
         handle = request.handle
-        routes: _Routes = handle.backend_state
+        routes: Routes = handle.backend_state
         outputs = runtime.dispatch(
             _args(
                 nvshmem.module.InternodeDispatchArgs,
@@ -344,7 +265,7 @@ class InternodeBackend:
     def combine(self, request: CombineRequest) -> CombineResult:
         runtime = self._live_runtime()
         handle = request.handle
-        routes: _Routes = handle.backend_state
+        routes: Routes = handle.backend_state
         biases = request.biases
         outputs = runtime.combine(
             _args(

@@ -192,7 +192,9 @@ def dispatch_layout(
     num_tokens_per_rank = is_token_in_rank.sum(0, dtype=torch.int32)
     num_tokens_per_rdma_rank = None
     if num_ranks_per_node < num_ranks:
-        per_node = is_token_in_rank.view(num_tokens, -1, num_ranks_per_node).any(-1)
+        per_node = is_token_in_rank.view(num_tokens, num_ranks // num_ranks_per_node, num_ranks_per_node).any(
+            -1
+        )
         num_tokens_per_rdma_rank = per_node.sum(0, dtype=torch.int32)
     return DispatchLayout(
         num_tokens_per_rank, num_tokens_per_rdma_rank, num_tokens_per_expert, is_token_in_rank
