@@ -161,8 +161,11 @@ class InternodeBackend:
             nvshmem.shutdown(self.group)
 
     def _live_runtime(self):
+        """The runtime, after raising TimeoutError if an earlier call of this buffer timed out (so a
+        failed rank raises before it joins the next count exchange)."""
         if self.runtime is None:
             raise RuntimeError("the Buffer that made this internode handle was destroyed")
+        self.runtime.check_health()
         return self.runtime
 
     # ------------------------------------------------------------------ layout
