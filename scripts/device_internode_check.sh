@@ -2,8 +2,10 @@
 # GPU checks of the internode kernels (NVSHMEM between nodes, forwarding inside a node), for a
 # machine with an NVIDIA GPU, run from the repo root:
 #
-#   scripts/device_internode_check.sh [tests|bench|all] [pytest -k expression]
+#   scripts/device_internode_check.sh [build|tests|bench|all] [pytest -k expression]
 #
+# With a 10-minute limit per command, run `build`, then `tests` (or `tests "2x2 or absent"` to
+# start small), then `bench`, as separate commands.
 # Builds deepep_megatron._nvshmem (and _C, for the intranode comparison) unless they import, runs
 # the GPU tests (tests/test_gpu_internode.py: R = 4, 6, 8 split into 2-4 emulated nodes on one GPU
 # under MPS) and the benchmark: R = 8 as 2 nodes x 4 and 4 x 2 with 16 SMs per rank, random and
@@ -30,7 +32,7 @@ nvidia-smi --query-gpu=name,memory.used,clocks.sm,clocks.mem --format=csv,nohead
 
 if [[ $what == tests || $what == all ]]; then
   # -s: the rank processes' own output (NVSHMEM, CUDA) lands in the log too.
-  timeout "${TESTS_TIMEOUT:-540}" python3 -m pytest tests/test_gpu_internode.py -q -s -x -m gpu -p no:cacheprovider \
+  timeout "${TESTS_TIMEOUT:-570}" python3 -m pytest tests/test_gpu_internode.py -q -s -x -m gpu -p no:cacheprovider \
     --timeout 520 ${tests_filter:+-k "$tests_filter"} 2>&1 | tee "$OUT/gpu_internode_tests.log" | tail -40 || status=1
 fi
 if [[ $what == bench || $what == all ]]; then

@@ -73,16 +73,19 @@ def gpu_pools():
 _BUFFERS: dict = {}
 
 
-def _buffers(ranks_per_node: int, max_tokens: int, hidden: int, num_topk: int):
-    """(compiled, portable) Buffers of this rank, reused across cases of one pool."""
+# Every case fits one buffer per topology: at most this many tokens per rank, hidden and top-k.
+BUFFER_SIZES = (128, 7168, 16)
+
+
+def _buffers(ranks_per_node: int):
+    """(compiled, portable) Buffers of this rank for nodes of `ranks_per_node`, reused across cases."""
     import torch.distributed as dist
 
     from deepep_megatron import Buffer
 
     num_ranks = dist.get_world_size()
-    key = (ranks_per_node, max_tokens, hidden, num_topk)
-    if key not in _BUFFERS:
-        size = internode.rdma_size_hint(max_tokens, hidden, num_ranks, ranks_per_node, num_topk)
+    if ranks_per_node not in _BUFFERS:
+        size = internode.rdma_size_hint(*BUFFER_SIZES[:2], num_ranks, ranks_per_node, BUFFER_SIZES[2])
         compiled = Buffer(
             dist.group.WORLD,
             num_rdma_bytes=size,
@@ -92,8 +95,8 @@ def _buffers(ranks_per_node: int, max_tokens: int, hidden: int, num_topk: int):
         )
         assert compiled.backend_name == "internode", compiled.backend_summary
         portable = Buffer(dist.group.WORLD, backend="portable", num_ranks_per_node=ranks_per_node)
-        _BUFFERS[key] = (compiled, portable)
-    return _BUFFERS[key]
+        _BUFFERS[ranks_per_node] = (compiled, portable)
+    return _BUFFERS[ranks_per_node]
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
@@ -176,10 +179,7 @@ def run_case(seed: int, case: dict) -> int:
 
     rank, num_ranks = dist.get_rank(), dist.get_world_size()
     hidden, num_experts, ranks_per_node = case["hidden"], case["num_experts"], case["ranks_per_node"]
-    max_tokens = max(_num_tokens(case, r) for r in range(num_ranks))
-    compiled, portable = _buffers(
-        ranks_per_node, max(max_tokens, case.get("buffer_tokens", 0)), hidden, case["num_topk"]
-    )
+    compiled, portable = _buffers(ranks_per_node)
     all_inputs = _all_inputs(seed, case, num_ranks)
     mine = all_inputs[rank]
     x, topk_idx, topk_weights = mine.x.cuda(), mine.topk_idx.cuda(), mine.topk_weights.cuda()
@@ -297,7 +297,7 @@ def soak(seed: int, ranks_per_node: int, iterations: int) -> int:
     faulthandler.enable()
     rank, num_ranks = dist.get_rank(), dist.get_world_size()
     experts = EXPERTS_PER_RANK * num_ranks
-    compiled, portable = _buffers(ranks_per_node, 96, 512, 6)
+    compiled, portable = _buffers(ranks_per_node)
     shared = random.Random(seed)  # the same shapes on every rank
     mine = torch.Generator().manual_seed(seed * 1000 + rank)
     received = 0
