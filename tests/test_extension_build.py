@@ -219,3 +219,17 @@ def test_internode_argument_classes_take_the_fields_the_adapter_sets():
     hint = internode.rdma_size_hint(4096, 7168, 8, 4, 8)
     assert module.InternodeRuntime.required_bytes(4096, 7168, 8, 8, 4, 8 * 4096) == hint
     assert 0.5e9 < hint < 1.5e9  # csrc/internode/README.md: about 0.94 GB per rank
+
+
+def test_config_rdma_hint_is_the_internode_hint_for_groups_larger_than_a_node():
+    """DeepEP programs size num_rdma_bytes with Config.get_rdma_buffer_size_hint: one node needs
+    none; 16 ranks (two nodes of 8) get the internode kernels' hint (0 where they are not built)."""
+    from deepep_megatron import Config
+    from deepep_megatron.backends import internode
+
+    config = Config(24, num_max_tokens_per_rank=512)
+    assert config.get_rdma_buffer_size_hint(7168 * 2, 8) == 0
+    want = internode.rdma_size_hint(512, 7168, 16, 8, limits.MAX_TOPK)
+    assert config.get_rdma_buffer_size_hint(7168 * 2, 16) == want
+    if internode._kernels() is not None:
+        assert want > 0
