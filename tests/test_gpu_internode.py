@@ -448,7 +448,8 @@ def destroy_buffers() -> bool:
 
 
 # ----------------------------------------------------------------------------- tests
-TOPOLOGIES = [(4, 2), (6, 3), (6, 2), (8, 4), (8, 2)]  # (ranks, ranks per node): 2x2, 2x3, 3x2, 2x4, 4x2
+# (ranks, ranks per node): 2x2, 2x3, 3x2, 2x4, 4x2, and 4x1 (every byte through NVSHMEM puts).
+TOPOLOGIES = [(4, 2), (6, 3), (6, 2), (8, 4), (8, 2), (4, 1)]
 
 
 @pytest.mark.parametrize("num_ranks,ranks_per_node", TOPOLOGIES, ids=[f"{r // p}x{p}" for r, p in TOPOLOGIES])
