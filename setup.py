@@ -83,7 +83,7 @@ def extension_sources() -> list[str]:
     """Every .cpp and .cu under csrc/, by folder: a new family's folder needs no edit here. The
     NVSHMEM families' sources (`nvshmem_sources`) build into their own module."""
     found = glob.glob("csrc/**/*.cpp", recursive=True) + glob.glob("csrc/**/*.cu", recursive=True)
-    return sorted(set(found) - set(nvshmem_sources()))
+    return sorted(set(found) - (set(nvshmem_sources()) - set(SHARED_SOURCES)))
 
 
 def optional_build_ext(base):
@@ -169,10 +169,16 @@ TORCH_DISABLED_HALF_MACROS = (
 )
 
 
+# Host sources both modules compile (each module keeps its own copy: the timeout messages and the
+# registry of wait phases).
+SHARED_SOURCES = ("csrc/common/diagnostics.cpp",)
+
+
 def nvshmem_sources() -> list[str]:
-    """The NVSHMEM families' sources: their module, the NVSHMEM transport and the family folders."""
-    found = ["csrc/nvshmem_module.cpp"]
-    for pattern in ("csrc/transport/nvshmem*", "csrc/low_latency/*"):
+    """The NVSHMEM families' sources: their module, the NVSHMEM transport, the family folders and
+    the shared host sources."""
+    found = ["csrc/nvshmem_module.cpp", *SHARED_SOURCES]
+    for pattern in ("csrc/transport/nvshmem*", "csrc/low_latency/*", "csrc/internode/*"):
         found += glob.glob(f"{pattern}.cpp") + glob.glob(f"{pattern}.cu")
     return sorted(found)
 

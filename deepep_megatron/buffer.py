@@ -69,8 +69,11 @@ class Buffer:
         num_nvl_bytes: bytes of the intranode receive region per rank (normal kernels). Size it
             with `Config.get_nvl_buffer_size_hint`; dispatching more tokens per rank than it was
             sized for raises `ValueError`.
-        num_rdma_bytes: bytes for the low-latency (and internode) buffers. Size it with
-            `Buffer.get_low_latency_rdma_size_hint`.
+        num_rdma_bytes: bytes for the low-latency and internode buffers (NVSHMEM). Size it with
+            `Buffer.get_low_latency_rdma_size_hint` in low-latency mode, and for groups spanning
+            nodes with `deepep_megatron.backends.internode.rdma_size_hint` (or
+            `Config.get_rdma_buffer_size_hint` for nodes of 8); a dispatch whose counts need more
+            raises `ValueError` on every rank before any kernel runs.
         low_latency_mode: enable `low_latency_dispatch` / `low_latency_combine`.
         num_qps_per_rank, allow_nvlink_for_low_latency_mode, allow_mnnvl, use_fabric,
         enable_shrink, comm: accepted for compatibility with DeepEP; unused.
@@ -82,7 +85,9 @@ class Buffer:
         backend: "auto" (compiled kernels where they can serve), "portable" or "cuda". Defaults
             to the `DEEPEP_MEGATRON_BACKEND` environment variable, else "auto".
         num_ranks_per_node: ranks that share one NVLink domain (default: the whole group, up to
-            8). Groups larger than a node report `num_tokens_per_rdma_rank`.
+            8); a node is that many consecutive ranks, so one host can emulate several. Groups
+            larger than a node report `num_tokens_per_rdma_rank` and are served by the internode
+            kernels (NVSHMEM between nodes, NVLink inside one) where they are built.
         num_arena_bytes: compiled backend only: bytes of registered memory that dispatch outputs
             are returned in (zero copy: senders write each row at its final place). Default
             `2 * num_nvl_bytes` (or `DEEPEP_MEGATRON_ARENA_BYTES`). When live outputs fill it,

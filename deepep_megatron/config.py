@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from deepep_megatron.limits import FP8_BLOCK_SIZE, MAX_TOPK, REGION_ALIGNMENT
+from deepep_megatron.limits import FP8_BLOCK_SIZE, MAX_RANKS_PER_NODE, MAX_TOPK, REGION_ALIGNMENT
 
 # The token capacity per rank that size hints assume unless told otherwise.
 DEFAULT_MAX_TOKENS_PER_RANK = 4096
@@ -109,5 +109,15 @@ class Config:
         return normal_region_bytes(self.num_max_tokens_per_rank, hidden_bytes, num_ranks)
 
     def get_rdma_buffer_size_hint(self, hidden_bytes: int, num_ranks: int) -> int:
-        """Bytes for `Buffer(num_rdma_bytes=...)`. Intranode groups need none."""
-        return 0
+        """Bytes for `Buffer(num_rdma_bytes=...)` in normal mode. Groups of up to
+        `MAX_RANKS_PER_NODE` ranks (one node, DeepEP's rule) need none; larger groups, in nodes of
+        `MAX_RANKS_PER_NODE`, get the internode kernels' hint for `num_max_tokens_per_rank` tokens
+        of BF16 rows of `hidden_bytes` with up to `MAX_TOPK` experts (0 where those kernels are not
+        built). With another `num_ranks_per_node`, use `backends.internode.rdma_size_hint`."""
+        if num_ranks <= MAX_RANKS_PER_NODE or num_ranks % MAX_RANKS_PER_NODE != 0:
+            return 0
+        from deepep_megatron.backends.internode import rdma_size_hint
+
+        return rdma_size_hint(
+            self.num_max_tokens_per_rank, hidden_bytes // 2, num_ranks, MAX_RANKS_PER_NODE, MAX_TOPK
+        )

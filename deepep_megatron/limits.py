@@ -15,6 +15,10 @@ MAX_TOPK = 16
 MAX_RANKS_PER_NODE = 8
 """Largest NVLink domain of the intranode kernels (ranks that map each other's memory)."""
 
+MAX_NODES = 16
+"""Largest number of nodes (groups of `num_ranks_per_node` ranks) the internode kernels serve; with
+MAX_RANKS_PER_NODE it bounds their group at 128 ranks (per-node signal words, row tables)."""
+
 MAX_LOCAL_EXPERTS = 1024
 """Largest number of experts per rank (the kernels exchange per-expert counts in fixed slots)."""
 

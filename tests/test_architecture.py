@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from deepep_megatron import Buffer
-from deepep_megatron.backends import intranode, selection
+from deepep_megatron.backends import internode, intranode, selection
 from deepep_megatron.backends.portable import PortableBackend
 from deepep_megatron.backends.portable_low_latency import PortableLowLatencyBackend
 from deepep_megatron.backends.protocols import BUFFER_CALLS, LowLatencyBackend, NormalBackend
@@ -36,7 +36,7 @@ LOCAL_METHODS = {
 }
 
 BACKENDS = {
-    NormalBackend: [PortableBackend, intranode.IntranodeBackend],
+    NormalBackend: [PortableBackend, intranode.IntranodeBackend, internode.InternodeBackend],
     LowLatencyBackend: [PortableLowLatencyBackend],
 }
 

@@ -83,6 +83,14 @@ def test_summaries_report_min_and_mean_over_ranks():
     assert summary["combine_bf16"]["gbps_mean"] == pytest.approx(0.0384)  # same bytes as dispatch
     assert summary["dispatch_fp8"]["gbps_mean"] == pytest.approx(0.0384 * 0.515625)
 
+    # Groups spanning nodes: the bytes that cross nodes over the same median times.
+    network = {"dispatch_bf16": 5000, "dispatch_fp8": 2600, "combine_bf16": 10000}
+    spanning = [dict(rank, network_bytes=network) for rank in ranks]
+    rdma = {row["op"]: row for row in summarize_normal(spanning, hidden=128)}
+    assert rdma["dispatch_bf16"]["rdma_gbps"] == pytest.approx([5e-3, 5e-3])
+    assert rdma["combine_bf16"]["rdma_gbps_mean"] == pytest.approx(1e-2)
+    assert "rdma_gbps" not in summary["dispatch_bf16"]  # within one node: not reported
+
     ll_ops = ("low_latency_dispatch_fp8", "low_latency_combine_bf16")
     ll_ranks = [{"num_selections": 10, "times_s": {op: [t, t, t] for op in ll_ops}} for t in (1e-5, 3e-5)]
     ll = {row["op"]: row for row in summarize_low_latency(ll_ranks, hidden=128)}
@@ -236,6 +244,31 @@ def test_bench_end_to_end_writes_json_and_plot(tmp_path):
         assert row["gbps_mean"] == pytest.approx(sum(expected) / 2)
         assert all(0 < rows <= 2 * 32 for rows in row["recv_rows"])
     assert png_path.read_bytes()[:8] == PNG_MAGIC
+
+
+def test_bench_reports_network_bytes_when_the_group_spans_nodes(tmp_path):
+    json_path = tmp_path / "bench.json"
+    args = ["--num-sms", "8", "--routing", "random", "--num-ranks-per-node", "1", "--json", str(json_path)]
+    result = _run(["-m", "deepep_megatron.bench", *TINY, *args])
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "network GB/s" in result.stdout
+    report = json.loads(json_path.read_text())
+    assert report["config"]["num_ranks_per_node"] == 1
+    rows = {row["op"]: row for row in report["results"]}
+    for op, row in rows.items():
+        if op == "nccl_all_to_all_bf16":
+            continue
+        assert all(b > 0 for b in row["network_bytes"]), op
+        assert row["rdma_gbps"] == pytest.approx(
+            [gbps(b, t) for b, t in zip(row["network_bytes"], row["median_s"])]
+        )
+    # Cached dispatches carry the payload only: FP8 rows are (1 + 4/128) / 2 of BF16 rows.
+    ratio = [
+        f / b for f, b in zip(rows["dispatch_fp8"]["network_bytes"], rows["dispatch_bf16"]["network_bytes"])
+    ]
+    assert ratio == pytest.approx([(256 + 8) / 512] * 2)
+    # Combine returns one fp32 partial per (token, node): twice the BF16 dispatch bytes.
+    assert rows["combine_bf16"]["network_bytes"] == [2 * b for b in rows["dispatch_bf16"]["network_bytes"]]
 
 
 def test_bench_low_latency_end_to_end(tmp_path):

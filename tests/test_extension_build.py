@@ -114,3 +114,122 @@ def test_intranode_argument_classes_take_the_fields_the_adapter_sets():
     for name in ("dispatch_fresh", "dispatch_cached", "combine", "layout", "open_peers", "ipc_handle"):
         assert hasattr(module.IntranodeRuntime, name), name
     assert not hasattr(module.IntranodeRuntime, "check_health")  # an internal check, not an API
+
+
+# ------------------------------------------------------------------------------------ internode
+def test_internode_is_routed_only_where_its_kernels_are(monkeypatch):
+    """Groups spanning nodes go to the internode family; without its kernels (no NVSHMEM module, or
+    a module built before the family existed, or a stale one) the reason is one line and the router
+    keeps the portable backend."""
+    from types import SimpleNamespace
+
+    from deepep_megatron.backends import internode, nvshmem, selection
+
+    spanning = Topology(8, 4)
+    sizes = BufferSizes(num_nvl_bytes=0, num_rdma_bytes=1 << 30, low_latency_mode=False)
+    family = selection._family_for("normal", spanning)
+    assert family.name == "internode" and family.module == "deepep_megatron.backends.internode"
+    assert selection._family_for("normal", Topology(8, 8)).name == "intranode"
+
+    monkeypatch.setattr(nvshmem, "module", None)
+    monkeypatch.setattr(nvshmem, "_import_error", "the NVSHMEM kernels are not built (test)")
+    assert (
+        selection._compiled_unavailable_reason(family, spanning, sizes)
+        == "the NVSHMEM kernels are not built (test)"
+    )
+    assert internode.rdma_size_hint(64, 256, 8, 4, 4) == 0
+
+    if torch.cuda.is_available():
+        old_module = SimpleNamespace(LowLatencyRuntime=object)  # an _nvshmem without the family
+        monkeypatch.setattr(nvshmem, "module", old_module)
+        reason = internode.unavailable_reason(spanning, sizes)
+        assert reason is not None and "without the internode kernels" in reason
+        stale = SimpleNamespace(InternodeRuntime=object, MAX_NODES=limits.MAX_NODES + 1)
+        monkeypatch.setattr(nvshmem, "module", stale)
+        assert "stale" in internode.unavailable_reason(spanning, sizes)
+
+
+def _spanning_buffer_on_cpu() -> dict:
+    buffer = Buffer(dist.group.WORLD, num_rdma_bytes=1 << 20, num_ranks_per_node=1)
+    topk_idx = torch.tensor([[0, 1], [1, -1]])
+    layout = buffer.get_dispatch_layout(topk_idx, 2)
+    return {"summary": buffer.backend_summary, "per_node": layout[1].tolist()}
+
+
+def test_a_group_spanning_nodes_falls_back_to_portable_with_the_reason(cpu_pools):
+    results = cpu_pools(2).run(_spanning_buffer_on_cpu)
+    for result in results:
+        if not torch.cuda.is_available():
+            assert result["summary"].startswith("normal: portable backend ("), result["summary"]
+    # Tokens per node (= per rank here): both tokens reach node 1, one reaches node 0.
+    assert [r["per_node"] for r in results] == [[1, 2], [1, 2]]
+
+
+def test_internode_argument_classes_take_the_fields_the_adapter_sets():
+    """backends/internode.py builds these by field name: a misspelt field fails here, on the CPU."""
+    from deepep_megatron.backends import internode, nvshmem
+
+    if internode._kernels() is None:
+        pytest.skip("the internode kernels are not built here")
+    module = nvshmem.module
+    t = torch.zeros(4, 2, dtype=torch.int)
+    fields = {
+        module.InternodeDispatchArgs: dict(
+            x=torch.zeros(4, 8, dtype=torch.bfloat16),
+            scales=None,
+            topk_idx=None,
+            topk_weights=None,
+            send_slot=t,
+            node_slot=t,
+            count_matrix=t,
+            own_node_tokens=t[0],
+            records_from_node=[1, 2],
+            max_tokens=4,
+            max_recv_rows=8,
+            num_recv_rows=6,
+            num_recv_tokens=5,
+            experts_per_rank=0,
+            num_sms=20,
+        ),
+        module.InternodeCombineArgs: dict(
+            x=torch.zeros(4, 8, dtype=torch.bfloat16),
+            topk_weights=None,
+            bias0=None,
+            bias1=None,
+            forward_rows=t,
+            node_slot=t,
+            records_from_node=[1, 2],
+            tokens_to_node=[3, 0],
+            max_tokens=4,
+            max_recv_rows=8,
+            num_recv_tokens=5,
+            num_tokens=4,
+            num_sms=20,
+        ),
+    }
+    for cls, values in fields.items():
+        args = internode._args(cls, **values)
+        for name, value in values.items():
+            got = getattr(args, name)
+            assert torch.equal(got, value) if isinstance(value, torch.Tensor) else got == value, name
+        with pytest.raises(AttributeError):
+            args.not_a_field = 1
+    assert module.MAX_NODES == limits.MAX_NODES
+    assert issubclass(module.InternodeTimeout, TimeoutError)
+    hint = internode.rdma_size_hint(4096, 7168, 8, 4, 8)
+    assert module.InternodeRuntime.required_bytes(4096, 7168, 8, 8, 4, 8 * 4096) == hint
+    assert 0.5e9 < hint < 1.5e9  # csrc/internode/README.md: about 0.94 GB per rank
+
+
+def test_config_rdma_hint_is_the_internode_hint_for_groups_larger_than_a_node():
+    """DeepEP programs size num_rdma_bytes with Config.get_rdma_buffer_size_hint: one node needs
+    none; 16 ranks (two nodes of 8) get the internode kernels' hint (0 where they are not built)."""
+    from deepep_megatron import Config
+    from deepep_megatron.backends import internode
+
+    config = Config(24, num_max_tokens_per_rank=512)
+    assert config.get_rdma_buffer_size_hint(7168 * 2, 8) == 0
+    want = internode.rdma_size_hint(512, 7168, 16, 8, limits.MAX_TOPK)
+    assert config.get_rdma_buffer_size_hint(7168 * 2, 16) == want
+    if internode._kernels() is not None:
+        assert want > 0

@@ -14,6 +14,8 @@ inline constexpr int FP8_BLOCK_SIZE = 128;
 inline constexpr int MAX_TOPK = 16;
 // Largest NVLink domain (ranks that map each other's memory); sizes the per-peer tables.
 inline constexpr int MAX_RANKS_PER_NODE = 8;
+// Largest number of nodes of the internode kernels (per-node signal words and row tables).
+inline constexpr int MAX_NODES = 16;
 // Largest number of experts per rank (per-expert counts travel in fixed slots).
 inline constexpr int MAX_LOCAL_EXPERTS = 1024;
 // Alignment in bytes of every sub-array of a registered region (16-byte vector stores, TMA).

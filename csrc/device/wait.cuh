@@ -90,9 +90,11 @@ __device__ __forceinline__ unsigned operation_start(const WaitContext& ctx, int 
 
 // Spins on `poll` (returns true once the wait is met and stores the value it saw in `seen`) until
 // it is met (true), the group aborts or the operation's deadline passes (false, recorded).
+// `epoch` names the operation (it keys the shared deadline); `expected` is what the record says
+// the wait waited for (the epoch itself for flags, a count for arrival counters).
 template <typename Poll>
-__device__ __forceinline__ bool bounded_wait(const WaitContext& ctx, int epoch, int phase, int peer,
-                                             Poll poll) {
+__device__ __forceinline__ bool bounded_wait_for(const WaitContext& ctx, int epoch, int expected, int phase,
+                                                 int peer, Poll poll) {
     bool started = false;
     unsigned start = 0;
     while (true) {
@@ -100,7 +102,7 @@ __device__ __forceinline__ bool bounded_wait(const WaitContext& ctx, int epoch, 
         if (poll(seen)) return true;
         const int culprit = aborted_by(ctx);
         if (culprit >= 0) {
-            record_give_up(ctx, phase, peer, epoch, seen, culprit);
+            record_give_up(ctx, phase, peer, expected, seen, culprit);
             return false;
         }
         const long long now = global_time_ns();
@@ -110,10 +112,16 @@ __device__ __forceinline__ bool bounded_wait(const WaitContext& ctx, int epoch, 
         }
         const unsigned elapsed = static_cast<unsigned>(now >> kClockShift) - start;
         if ((static_cast<long long>(elapsed) << kClockShift) > ctx.timeout_ns) {
-            report_timeout(ctx, phase, peer, epoch, seen);
+            report_timeout(ctx, phase, peer, expected, seen);
             return false;
         }
     }
+}
+
+template <typename Poll>
+__device__ __forceinline__ bool bounded_wait(const WaitContext& ctx, int epoch, int phase, int peer,
+                                             Poll poll) {
+    return bounded_wait_for(ctx, epoch, epoch, phase, peer, poll);
 }
 
 // Spins until `*flag` reaches `epoch`.

@@ -45,22 +45,7 @@ class PortableBackend:
 
     # ------------------------------------------------------------------ layout
     def get_dispatch_layout(self, request: LayoutRequest) -> DispatchLayout:
-        topk_idx, num_experts = request.topk_idx, request.num_experts
-        num_tokens = topk_idx.size(0)
-        experts_per_rank = num_experts // self.num_ranks
-        valid = topk_idx >= 0
-        token_ids = torch.arange(num_tokens, device=topk_idx.device).unsqueeze(1).expand_as(topk_idx)
-        is_token_in_rank = torch.zeros((num_tokens, self.num_ranks), dtype=torch.bool, device=topk_idx.device)
-        is_token_in_rank[token_ids[valid], topk_idx[valid] // experts_per_rank] = True
-        num_tokens_per_expert = torch.bincount(topk_idx[valid], minlength=num_experts).int()
-        num_tokens_per_rank = is_token_in_rank.sum(0, dtype=torch.int32)
-        num_tokens_per_rdma_rank = None
-        if self.num_ranks_per_node < self.num_ranks:
-            per_node = is_token_in_rank.view(num_tokens, -1, self.num_ranks_per_node).any(-1)
-            num_tokens_per_rdma_rank = per_node.sum(0, dtype=torch.int32)
-        return DispatchLayout(
-            num_tokens_per_rank, num_tokens_per_rdma_rank, num_tokens_per_expert, is_token_in_rank
-        )
+        return dispatch_layout(request.topk_idx, request.num_experts, self.num_ranks, self.num_ranks_per_node)
 
     # ------------------------------------------------------------------ normal dispatch
     def dispatch(self, request: DispatchRequest) -> DispatchResult:
@@ -189,6 +174,31 @@ class PortableBackend:
             out[tokens] += rows[start : start + count]
             start += count
         return out
+
+
+def dispatch_layout(
+    topk_idx: torch.Tensor, num_experts: int, num_ranks: int, num_ranks_per_node: int
+) -> DispatchLayout:
+    """`get_dispatch_layout` in plain torch on `topk_idx`'s device (no communication): which
+    ranks each token goes to, tokens per rank, per destination node (None within one node) and
+    per expert. Shared by the portable backend and the internode family."""
+    num_tokens = topk_idx.size(0)
+    experts_per_rank = num_experts // num_ranks
+    valid = topk_idx >= 0
+    token_ids = torch.arange(num_tokens, device=topk_idx.device).unsqueeze(1).expand_as(topk_idx)
+    is_token_in_rank = torch.zeros((num_tokens, num_ranks), dtype=torch.bool, device=topk_idx.device)
+    is_token_in_rank[token_ids[valid], topk_idx[valid] // experts_per_rank] = True
+    num_tokens_per_expert = torch.bincount(topk_idx[valid], minlength=num_experts).int()
+    num_tokens_per_rank = is_token_in_rank.sum(0, dtype=torch.int32)
+    num_tokens_per_rdma_rank = None
+    if num_ranks_per_node < num_ranks:
+        per_node = is_token_in_rank.view(num_tokens, num_ranks // num_ranks_per_node, num_ranks_per_node).any(
+            -1
+        )
+        num_tokens_per_rdma_rank = per_node.sum(0, dtype=torch.int32)
+    return DispatchLayout(
+        num_tokens_per_rank, num_tokens_per_rdma_rank, num_tokens_per_expert, is_token_in_rank
+    )
 
 
 class _PortableState:

@@ -49,7 +49,7 @@ class Family:
 
 FAMILIES = {
     "intranode": Family("intranode", "deepep_megatron.backends.intranode"),
-    "internode": Family("internode", None, "the internode (NVSHMEM) kernels are not part of this version"),
+    "internode": Family("internode", "deepep_megatron.backends.internode"),
     "low_latency": Family("low_latency", "deepep_megatron.backends.low_latency"),
 }
 

@@ -78,12 +78,17 @@ def rank_info(device: str) -> dict:
 
 
 def _buffer(
-    backend: str, num_nvl_bytes: int, num_rdma_bytes: int = 0, low_latency: bool = False, num_qps: int = 1
+    backend: str,
+    num_nvl_bytes: int,
+    num_rdma_bytes: int = 0,
+    low_latency: bool = False,
+    num_qps: int = 1,
+    num_ranks_per_node: int | None = None,
 ):
     """One Buffer per rank process and configuration (they are reused across cases)."""
     from deepep_megatron.buffer import Buffer
 
-    key = (backend, num_nvl_bytes, num_rdma_bytes, low_latency)
+    key = (backend, num_nvl_bytes, num_rdma_bytes, low_latency, num_ranks_per_node)
     buffers = _RANK_STATE.setdefault("buffers", {})
     if key not in buffers:
         buffers[key] = Buffer(
@@ -93,6 +98,7 @@ def _buffer(
             low_latency_mode=low_latency,
             num_qps_per_rank=num_qps,
             backend=backend,
+            num_ranks_per_node=num_ranks_per_node,
         )
     return buffers[key]
 
@@ -177,13 +183,24 @@ def run_normal_case(spec: dict) -> dict:
     num_ranks, rank = dist.get_world_size(), dist.get_rank()
     num_tokens, hidden, num_experts = spec["num_tokens"], spec["hidden"], spec["num_experts"]
     config = Config(spec["num_sms"], num_max_tokens_per_rank=num_tokens)
-    buffer = _buffer(spec["backend"], config.get_nvl_buffer_size_hint(hidden * 2, num_ranks))
+    num_ranks_per_node = spec.get("num_ranks_per_node") or min(num_ranks, 8)
+    num_rdma_bytes = 0
+    if num_ranks_per_node < num_ranks:
+        from deepep_megatron.backends.internode import rdma_size_hint
+
+        num_rdma_bytes = rdma_size_hint(num_tokens, hidden, num_ranks, num_ranks_per_node, spec["num_topk"])
+    buffer = _buffer(
+        spec["backend"],
+        config.get_nvl_buffer_size_hint(hidden * 2, num_ranks),
+        num_rdma_bytes,
+        num_ranks_per_node=num_ranks_per_node,
+    )
     x, topk_idx, topk_weights = _inputs(spec, num_tokens)
     x_fp8 = per_token_cast_to_fp8(x)
 
     # One fresh dispatch, checked through combine.
-    num_tokens_per_rank, _, num_tokens_per_expert, is_token_in_rank, _ = buffer.get_dispatch_layout(
-        topk_idx, num_experts
+    num_tokens_per_rank, num_tokens_per_rdma_rank, num_tokens_per_expert, is_token_in_rank, _ = (
+        buffer.get_dispatch_layout(topk_idx, num_experts)
     )
     layout = {
         "num_tokens_per_rank": num_tokens_per_rank,
@@ -226,6 +243,17 @@ def run_normal_case(spec: dict) -> dict:
     times = {op: _time_calls(fn, spec["warmup"], spec["iters"]) for op, fn in calls.items()}
 
     recv_rows = int(recv_x.size(0))
+    network = {}
+    if num_tokens_per_rdma_rank is not None:
+        from deepep_megatron.network_bytes import RowFormat, network_bytes
+
+        # Timed calls: fresh dispatches carry top-k ids and weights, cached ones only the payload.
+        num_topk = spec["num_topk"] if spec["fresh"] else 0
+        for op, fp8 in (("dispatch_bf16", False), ("dispatch_fp8", True), ("combine_bf16", False)):
+            row = RowFormat(hidden, fp8, 0 if op.startswith("combine") else num_topk)
+            counted = network_bytes(num_tokens_per_rdma_rank, rank, num_ranks_per_node, row)
+            network[op] = counted.combine_bytes if op.startswith("combine") else counted.dispatch_bytes
+        network["remote_pairs"] = counted.remote_pairs
     result = {
         "rank": rank,
         "backend": handle.backend.name,
@@ -233,6 +261,8 @@ def run_normal_case(spec: dict) -> dict:
         "checked": "combine(dispatch(x)) == x * ranks reached, in BF16 and in dequantised FP8",
         "recv_rows": recv_rows,
         "times_s": times,
+        "network_bytes": network or None,
+        "num_ranks_per_node": num_ranks_per_node,
     }
     if spec["nccl_baseline"]:
         result["nccl_baseline"] = _nccl_baseline(spec, is_token_in_rank, recv_x.size(0))

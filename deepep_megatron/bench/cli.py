@@ -90,6 +90,13 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="also time all_to_all_single moving the same bytes (NCCL process groups only)",
     )
+    parser.add_argument(
+        "--num-ranks-per-node",
+        type=int,
+        default=None,
+        help="ranks per (emulated) node; fewer than --nproc makes the group span nodes, which runs "
+        "the internode kernels and reports the bytes that cross nodes (default: Buffer's default)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds per case before giving up")
     parser.add_argument("--json", metavar="PATH", help="write every number (and the configuration) here")
@@ -204,6 +211,7 @@ def run(args: argparse.Namespace) -> dict:
             "backend": args.backend,
             "fresh": args.fresh,
             "hook": args.hook,
+            "num_ranks_per_node": args.num_ranks_per_node,
             "nccl_baseline": args.nccl_baseline and info["dist_backend"] == "nccl",
         }
         runs = [dict(base, routing=routing, num_sms=sms) for routing in args.routing for sms in args.num_sms]
@@ -273,9 +281,14 @@ def run(args: argparse.Namespace) -> dict:
             "seed": args.seed,
             "dispatch": "fresh" if args.fresh else "cached",
             "hook": args.hook,
+            "num_ranks_per_node": args.num_ranks_per_node,
             "nccl_baseline": base["nccl_baseline"],
         },
-        "units": {"times_s": "seconds per call", "gbps": "1e9 bytes per second per rank"},
+        "units": {
+            "times_s": "seconds per call",
+            "gbps": "1e9 bytes per second per rank",
+            "rdma_gbps": "1e9 bytes that cross nodes per second per rank (deepep_megatron.network_bytes)",
+        },
         "results": results,
     }
     print_report(console, report)

@@ -110,6 +110,10 @@ def min_mean(values: list[float]) -> tuple[float, float]:
     return min(values), sum(values) / len(values)
 
 
+def mean_of(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
 def _median(values: list[float]) -> float:
     return statistics.median(values)
 
@@ -124,16 +128,22 @@ def summarize_normal(rank_results: list[dict], hidden: int) -> list[dict]:
             for r, t in zip(rank_results, medians)
         ]
         low, mean = min_mean(per_rank)
-        rows.append(
-            {
-                "op": op,
-                "median_s": medians,
-                "gbps": per_rank,
-                "gbps_min": low,
-                "gbps_mean": mean,
-                "times_s": [r["times_s"][op] for r in rank_results],
-            }
-        )
+        row = {
+            "op": op,
+            "median_s": medians,
+            "gbps": per_rank,
+            "gbps_min": low,
+            "gbps_mean": mean,
+            "times_s": [r["times_s"][op] for r in rank_results],
+        }
+        if rank_results[0].get("network_bytes"):
+            # Groups spanning nodes: the bytes that cross nodes per rank, and their rate.
+            network = [r["network_bytes"][op] for r in rank_results]
+            rdma = [gbps(b, t) for b, t in zip(network, medians)]
+            row.update(
+                network_bytes=network, rdma_gbps=rdma, rdma_gbps_min=min(rdma), rdma_gbps_mean=mean_of(rdma)
+            )
+        rows.append(row)
     if rank_results[0].get("nccl_baseline") is not None:
         medians = [_median(r["nccl_baseline"]) for r in rank_results]
         per_rank = [gbps(normal_bytes(r["recv_rows"], hidden), t) for r, t in zip(rank_results, medians)]

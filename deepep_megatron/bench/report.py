@@ -222,6 +222,8 @@ def print_report(console: Console, report: dict) -> None:
             "µs (mean)",
             "GB/s min",
             "GB/s mean",
+            "network MB",
+            "network GB/s",
             "DeepEP V1 (§5)",
         ]
         rows = []
@@ -236,9 +238,16 @@ def print_report(console: Console, report: dict) -> None:
                     f"{sum(r['median_s']) / len(r['median_s']) * 1e6:.1f}",
                     f"{r['gbps_min']:.2f}",
                     f"{r['gbps_mean']:.2f}",
+                    f"{sum(r['network_bytes']) / len(r['network_bytes']) / 1e6:.1f}"
+                    if "network_bytes" in r
+                    else "-",
+                    f"{r['rdma_gbps_mean']:.2f}" if "rdma_gbps_mean" in r else "-",
                     _reference(r, r["op"], shapes_match),
                 ]
             )
+        if all(row[-3] == "-" for row in rows):  # within one node: nothing crosses nodes
+            columns = columns[:-3] + columns[-1:]
+            rows = [row[:-3] + row[-1:] for row in rows]
         if all(row[-1] == "-" for row in rows):
             columns, rows = columns[:-1], [row[:-1] for row in rows]
     console.table(title, columns, rows)

@@ -49,8 +49,9 @@ from megatron.core.transformer.moe.token_dispatcher import MoETokenDispatcher
 from deepep_megatron.buffer import Buffer
 from deepep_megatron.config import Config
 from deepep_megatron.fp8 import per_token_cast_back, per_token_cast_to_fp8
-from deepep_megatron.megatron.metrics import METRICS
+from deepep_megatron.megatron.metrics import METRICS, call_network_bytes
 from deepep_megatron.megatron.options import DeepEPOptions, fp8_dispatch_enabled, resolve_options
+from deepep_megatron.network_bytes import RowFormat
 
 logger = logging.getLogger(__name__)
 
@@ -134,6 +135,9 @@ def _timed_on_comm_stream(buffer, layer, kind: str, handle, call):
         *outputs, event = call(buffer.capture())
         event.current_stream_wait()
         timer.num_bytes = handle.num_recv_rows * _row_bytes(handle.hidden, False)
+        timer.network_bytes = call_network_bytes(
+            kind, handle.is_token_in_rank, buffer.rank, buffer.num_ranks_per_node, RowFormat(handle.hidden)
+        )
     return outputs
 
 
@@ -168,6 +172,13 @@ class _Dispatch(torch.autograd.Function):
             )
             event.current_stream_wait()
             timer.num_bytes = handle.num_recv_rows * _row_bytes(x.size(1), fp8)
+            timer.network_bytes = call_network_bytes(
+                "dispatch",
+                in_rank,
+                buffer.rank,
+                buffer.num_ranks_per_node,
+                RowFormat(x.size(1), fp8, topk_idx.size(1)),
+            )
         METRICS.add_expert_counts(layer, num_per_expert)
         if fp8:
             recv_x = per_token_cast_back(*recv_x)

@@ -14,6 +14,11 @@ Timing:
 Bytes follow DESIGN.md §4: received rows x hidden x 2 for BF16, x (1 + 4/128) for FP8 (payload
 plus scales); combine counts the same rows at BF16. Rows include the rank's own tokens.
 
+Network bytes (groups spanning nodes): the bytes that cross nodes
+(:mod:`deepep_megatron.network_bytes`: per token, once per destination node other than its own)
+may be set on a timer as ``timer.network_bytes`` (a number or a 0-dim tensor, read only in
+:func:`collect`); they are reported as ``deepep/{kind}_rdma_GBps``.
+
 Kinds: ``dispatch`` and ``combine`` are the forward calls; ``dispatch_bwd`` is the cached dispatch
 that is the gradient of combine, ``combine_bwd`` the combine that is the gradient of dispatch.
 """
@@ -27,7 +32,10 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from deepep_megatron.network_bytes import RowFormat, remote_pairs_from_routing
+
 KINDS = ("dispatch", "combine", "dispatch_bwd", "combine_bwd")
+_DISPATCH_KINDS = ("dispatch", "dispatch_bwd")
 PREFIX = "deepep"
 
 
@@ -36,6 +44,7 @@ class _Record:
     layer: int
     kind: str
     num_bytes: float
+    network_bytes: float | torch.Tensor = 0.0
     seconds: float | None = None
     start: torch.cuda.Event | None = None
     end: torch.cuda.Event | None = None
@@ -53,6 +62,7 @@ class _Timer:
     def __init__(self, metrics: CommMetrics, layer: int, kind: str, device: torch.device):
         self.metrics, self.layer, self.kind, self.device = metrics, layer, kind, device
         self.num_bytes = 0.0
+        self.network_bytes: float | torch.Tensor = 0.0
 
     def __enter__(self) -> _Timer:
         if self.device.type == "cuda":
@@ -65,7 +75,7 @@ class _Timer:
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is not None:
             return
-        record = _Record(self.layer, self.kind, float(self.num_bytes))
+        record = _Record(self.layer, self.kind, float(self.num_bytes), self.network_bytes)
         if self.device.type == "cuda":
             record.start, record.end = self._start, torch.cuda.Event(enable_timing=True)
             record.end.record()
@@ -76,6 +86,7 @@ class _Timer:
 
 class _NullTimer:
     num_bytes = 0.0
+    network_bytes = 0.0
 
     def __enter__(self):
         return self
@@ -128,14 +139,17 @@ class CommMetrics:
         - ``deepep/{kind}_GBps/layer_L``, ``deepep/{kind}_ms/layer_L``: bandwidth and time summed over
           the iteration's micro-batches; ``deepep/{kind}_GBps`` and ``deepep/{kind}_ms`` are the
           mean over layers (time: total over layers);
+        - ``deepep/{kind}_rdma_GBps/layer_L`` and ``deepep/{kind}_rdma_GBps`` (mean over layers):
+          network bytes over the same time, where network bytes were recorded;
         - ``deepep/expert_imbalance/layer_L`` = max / mean of the tokens per expert, and
           ``deepep/expert_imbalance`` the mean over layers.
         """
-        sums: dict[tuple[int, str], list[float]] = defaultdict(lambda: [0.0, 0.0])
+        sums: dict[tuple[int, str], list[float]] = defaultdict(lambda: [0.0, 0.0, 0.0])
         for record in self._records:
             entry = sums[(record.layer, record.kind)]
             entry[0] += record.elapsed()
             entry[1] += record.num_bytes
+            entry[2] += float(record.network_bytes)
         keys = sorted(sums)
         layers = sorted(self._expert_counts)
         use_group = group is not None and dist.is_initialized() and dist.get_world_size(group) > 1
@@ -149,19 +163,26 @@ class CommMetrics:
             if flat.numel():
                 dist.all_reduce(flat, group=group)
                 for i, key in enumerate(keys):
-                    sums[key] = [flat[2 * i].item(), flat[2 * i + 1].item()]
+                    sums[key] = flat[3 * i : 3 * i + 3].tolist()
         num_ranks = dist.get_world_size(group) if use_group else 1
         out: dict[str, float] = {}
-        per_kind: dict[str, list[tuple[float, float]]] = defaultdict(list)
+        per_kind: dict[str, list[tuple[float, float, float | None]]] = defaultdict(list)
         for layer, kind in keys:
-            seconds, num_bytes = sums[(layer, kind)]
+            seconds, num_bytes, network_bytes = sums[(layer, kind)]
             gbps = num_bytes / seconds / 1e9 if seconds > 0 else 0.0
             out[f"{PREFIX}/{kind}_GBps/layer_{layer}"] = gbps
             out[f"{PREFIX}/{kind}_ms/layer_{layer}"] = seconds / num_ranks * 1e3
-            per_kind[kind].append((gbps, seconds / num_ranks))
+            rdma_gbps = None
+            if network_bytes > 0:
+                rdma_gbps = network_bytes / seconds / 1e9 if seconds > 0 else 0.0
+                out[f"{PREFIX}/{kind}_rdma_GBps/layer_{layer}"] = rdma_gbps
+            per_kind[kind].append((gbps, seconds / num_ranks, rdma_gbps))
         for kind, values in per_kind.items():
             out[f"{PREFIX}/{kind}_GBps"] = sum(v[0] for v in values) / len(values)
             out[f"{PREFIX}/{kind}_ms"] = sum(v[1] for v in values) * 1e3
+            rdma = [v[2] for v in values if v[2] is not None]
+            if rdma:
+                out[f"{PREFIX}/{kind}_rdma_GBps"] = sum(rdma) / len(rdma)
         imbalances = []
         for layer in layers:
             counts = self._expert_counts[layer]
@@ -179,6 +200,16 @@ class CommMetrics:
 
 
 METRICS = CommMetrics()
+
+
+def call_network_bytes(
+    kind: str, is_token_in_rank: torch.Tensor, rank: int, num_ranks_per_node: int, row: RowFormat
+) -> torch.Tensor:
+    """Network bytes of one call of `kind` (0-dim tensor, no host sync) for `timer.network_bytes`:
+    the (token, remote node) pairs of the layout times the bytes a dispatch row (dispatch kinds) or
+    a combine partial sum (combine kinds) of format `row` carries."""
+    pairs = remote_pairs_from_routing(is_token_in_rank, rank, num_ranks_per_node)
+    return pairs * (row.dispatch_bytes() if kind in _DISPATCH_KINDS else row.combine_bytes())
 
 
 def collect(group: dist.ProcessGroup | None = None) -> dict[str, float]:

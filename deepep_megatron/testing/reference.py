@@ -116,6 +116,37 @@ def reference_combine(
     return out.to(out_dtype)
 
 
+def reference_combine_by_node(
+    all_inputs: list[RankInputs],
+    rank: int,
+    num_experts: int,
+    rows_of_rank,
+    num_ranks_per_node: int,
+    biases: tuple[torch.Tensor, ...] = (),
+    out_dtype: torch.dtype = torch.bfloat16,
+) -> torch.Tensor:
+    """Combine for `rank` as the internode kernels sum: per node, an fp32 partial over that node's
+    ranks in ascending order (starting from +0); then the partials, nodes ascending (starting from
+    +0); then the biases; one cast to `out_dtype`. With one node this is `reference_combine`."""
+    num_ranks = len(all_inputs)
+    num_tokens = all_inputs[rank].x.size(0)
+    out = None
+    for first in range(0, num_ranks, num_ranks_per_node):
+        partial = None
+        for dst in range(first, first + num_ranks_per_node):
+            received = reference_dispatch(all_inputs, dst, num_experts)
+            rows = rows_of_rank(dst)
+            if partial is None:
+                partial = torch.zeros((num_tokens, rows.size(1)), dtype=torch.float32)
+            for row, (src, token) in enumerate(zip(received.src_rank, received.src_token)):
+                if src == rank:
+                    partial[token] += rows[row].float()
+        out = (torch.zeros_like(partial) if out is None else out) + partial
+    for bias in biases:
+        out += bias.float()
+    return out.to(out_dtype)
+
+
 @dataclass
 class ReferenceLayout:
     """`get_dispatch_layout` for one rank, counted token by token."""
