@@ -40,33 +40,19 @@ EXPERTS_PER_RANK = 4
 
 @pytest.fixture(scope="module")
 def gpu_pools():
-    from deepep_megatron.launch import start_mps_daemon
-    from deepep_megatron.testing.rank_pool import RankPool
+    from deepep_megatron.backends.internode import OPT_IN_ENV
+    from deepep_megatron.testing.rank_pool import GpuPools
 
-    share_gpu = torch.cuda.device_count() == 1
-    env = {
-        "DEEPEP_MEGATRON_SHARE_GPU": "1" if share_gpu else "0",
-        "DEEPEP_MEGATRON_TIMEOUT_S": "20",
-        # Room for every buffer a pool holds at once (NVSHMEM sizes the heap at its first init).
-        "NVSHMEM_SYMMETRIC_SIZE": str(6 << 30),
-    }
-    daemon = None
-    if share_gpu:
-        daemon = start_mps_daemon()
-        env.update(daemon.env)
-    pools = {}
-
-    def get(world_size: int) -> RankPool:
-        pool = pools.get(world_size)
-        if pool is None or not pool.alive:
-            pool = pools[world_size] = RankPool(world_size, device="cuda", env=env)
-        return pool
-
-    yield get
-    for pool in pools.values():
-        pool.close()
-    if daemon is not None:
-        daemon.stop()
+    pools = GpuPools(
+        {
+            OPT_IN_ENV: "1",
+            "DEEPEP_MEGATRON_TIMEOUT_S": "20",
+            # Room for every buffer a pool holds at once (NVSHMEM sizes the heap at its first init).
+            "NVSHMEM_SYMMETRIC_SIZE": str(6 << 30),
+        }
+    )
+    yield pools
+    pools.close()
 
 
 # ----------------------------------------------------------------------------- rank helpers
