@@ -124,15 +124,39 @@ def _ep_size() -> int:
     return ps.get_expert_model_parallel_world_size()
 
 
-def build_moe_layer(config):
-    """megatron-core's MoELayer from the local (non-TE) spec: TopKRouter, SequentialMLP experts,
-    SharedExpertMLP."""
+def build_moe_layer(config, experts: str = "sequential"):
+    """megatron-core's MoELayer from the local (non-TE) spec: TopKRouter, SharedExpertMLP and
+    ``SequentialMLP`` experts, or with ``experts="grouped"`` ``TEGroupedMLP`` on torch's grouped
+    GEMM (:mod:`deepep_megatron.megatron.grouped_experts`)."""
+    import dataclasses
+
     from megatron.core.models.backends import LocalSpecProvider
     from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec_for_backend
 
+    from deepep_megatron.megatron.grouped_experts import grouped_experts_builder
+
     builder = get_moe_module_spec_for_backend(LocalSpecProvider(), num_experts=config.num_moe_experts)
+    if experts == "grouped":
+        submodules = dataclasses.replace(
+            builder.keywords["submodules"], experts=grouped_experts_builder("torch")
+        )
+        builder = functools.partial(builder.func, submodules=submodules)
+    elif experts != "sequential":
+        raise ValueError(f"experts must be sequential or grouped, got {experts!r}")
     layer = builder(config=config, layer_number=1)
     return layer.to(device())
+
+
+def local_expert_linears(layer):
+    """``[(fc1 weight, fc2 weight)]`` per local expert of an MoELayer with either kind of experts
+    (``SequentialMLP``'s ``local_experts[i]``, or grouped ``weight{i}``)."""
+    experts = layer.experts
+    if hasattr(experts, "local_experts"):
+        return [(e.linear_fc1.weight, e.linear_fc2.weight) for e in experts.local_experts]
+    return [
+        (getattr(experts.linear_fc1, f"weight{i}"), getattr(experts.linear_fc2, f"weight{i}"))
+        for i in range(experts.num_local_experts)
+    ]
 
 
 def global_weights(config, seed: int = 7) -> dict[str, torch.Tensor]:
@@ -159,10 +183,10 @@ def load_weights(layer, weights: dict[str, torch.Tensor]) -> None:
         layer.router.weight.copy_(weights["router"])
         if layer.router.expert_bias is not None:
             layer.router.expert_bias.copy_(weights["expert_bias"])
-        for i, expert in enumerate(layer.experts.local_experts):
+        for i, (fc1, fc2) in enumerate(local_expert_linears(layer)):
             e = layer.local_expert_indices[i]
-            expert.linear_fc1.weight.copy_(weights["fc1"][e])
-            expert.linear_fc2.weight.copy_(weights["fc2"][e])
+            fc1.copy_(weights["fc1"][e])
+            fc2.copy_(weights["fc2"][e])
         if layer.shared_experts is not None:
             layer.shared_experts.linear_fc1.weight.copy_(weights["shared_fc1"])
             layer.shared_experts.linear_fc2.weight.copy_(weights["shared_fc2"])
@@ -179,11 +203,11 @@ def _expert_grads(layer, config) -> dict[str, torch.Tensor]:
     e, f, h = config.num_moe_experts, config.moe_ffn_hidden_size, config.hidden_size
     fc1 = torch.zeros(e, 2 * f, h, dtype=torch.float32, device=device())
     fc2 = torch.zeros(e, h, f, dtype=torch.float32, device=device())
-    for i, expert in enumerate(layer.experts.local_experts):
+    for i, (w1, w2) in enumerate(local_expert_linears(layer)):
         idx = layer.local_expert_indices[i]
-        if expert.linear_fc1.weight.grad is not None:
-            fc1[idx] = expert.linear_fc1.weight.grad.float()
-            fc2[idx] = expert.linear_fc2.weight.grad.float()
+        if w1.grad is not None:
+            fc1[idx] = w1.grad.float()
+            fc2[idx] = w2.grad.float()
     for t in (fc1, fc2):
         dist.all_reduce(t)
     return {"grad_fc1": fc1.cpu(), "grad_fc2": fc2.cpu()}
@@ -197,13 +221,15 @@ def moe_layer_step(
     fp8=None,
     seed: int = 11,
     backend: str | None = None,
+    experts: str = "sequential",
 ):
     """Forward and backward of one MoELayer on this rank's tokens. Returns CPU tensors: the
     output, the input gradient, the router weight gradient (this rank's tokens only), the
     expert and shared-expert gradients (summed over all ranks), and which Buffer backend served.
 
     ``fp8``: None = the default (on for CUDA tensors); ``backend``: the Buffer backend
-    ("auto", "portable", "cuda"; None = the default)."""
+    ("auto", "portable", "cuda"; None = the default); ``experts``: "sequential" or "grouped"
+    (:func:`build_moe_layer`)."""
     from deepep_megatron.megatron import configure
     from deepep_megatron.megatron.dispatcher import _BUFFERS
 
@@ -214,7 +240,7 @@ def moe_layer_step(
     if backend is not None:
         configure(backend=backend)
     config = moe_config(dispatcher, moe_shared_expert_overlap=shared_overlap)
-    layer = build_moe_layer(config)
+    layer = build_moe_layer(config, experts)
     load_weights(layer, global_weights(config))
     rank = dist.get_rank()
     x = global_inputs(seed, (SEQ, BATCH, HIDDEN))[rank].to(device()).requires_grad_(True)
@@ -227,6 +253,7 @@ def moe_layer_step(
         "grad_x": x.grad.float().cpu(),
         "grad_router": layer.router.weight.grad.float().cpu(),
         "dispatcher": type(layer.token_dispatcher).__name__,
+        "experts": type(layer.experts).__name__,
         "buffer_backend": next(iter(_BUFFERS.values())).backend_name if _BUFFERS else None,
     }
     result.update(_expert_grads(layer, config))
@@ -384,6 +411,72 @@ def fp8_dispatch_roundtrip(ep: int, seed: int = 31):
     expected = per_token_cast_back(*per_token_cast_to_fp8(bf16)).float() if bf16.numel() else received[True]
     bound = fp8_roundtrip_error_bound(bf16).float() if bf16.numel() else received[True]
     return {"fp8": received[True], "bf16": received[False], "expected": expected, "bound": bound}
+
+
+@_session
+def grouped_linear_config_errors():
+    """Build :class:`~deepep_megatron.megatron.grouped_experts.TorchGroupedLinear` with bad
+    settings; returns ``{case: error message}`` (a case that does not raise maps to "")."""
+    from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
+
+    from deepep_megatron.megatron.grouped_experts import TorchGroupedLinear
+
+    setup(1)
+    pgs = get_default_pg_collection()
+    config = moe_config()
+
+    def build(in_size=HIDDEN, out_size=MOE_FFN, bias=False, cfg=config):
+        return TorchGroupedLinear(
+            2,
+            in_size,
+            out_size,
+            config=cfg,
+            init_method=torch.nn.init.zeros_,
+            bias=bias,
+            skip_bias_add=False,
+            is_expert=True,
+            pg_collection=pgs,
+        )
+
+    cases = {
+        "bias": lambda: build(bias=True),
+        "fp32": lambda: build(cfg=moe_config(params_dtype=torch.float32, bf16=False)),
+        "unaligned": lambda: build(out_size=MOE_FFN + 4),
+        "fp32_input": lambda: build()(torch.zeros(3, HIDDEN), [1, 2]),
+    }
+    errors = {}
+    for name, case in cases.items():
+        try:
+            case()
+            errors[name] = ""
+        except (ValueError, TypeError, NotImplementedError) as error:
+            errors[name] = str(error)
+    return errors
+
+
+@_session
+def experts_sharded_state_dict(ep: int):
+    """``{kind: sorted (key, global shape, global offset) of the experts' checkpoint entries}``
+    for SequentialMLP and the grouped experts of the same MoELayer config."""
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+
+    setup(ep)
+    config = moe_config("deepep", moe_shared_expert_intermediate_size=None)
+    result = {}
+    for kind in ("sequential", "grouped"):
+        layer = build_moe_layer(config, kind)
+        entries = []
+        for value in layer.experts.sharded_state_dict(prefix="mlp.").values():
+            if isinstance(value, ShardedTensorFactory):
+                value = value.build()
+                value = value if isinstance(value, list) else [value]
+            else:
+                value = [value]
+            for t in value:
+                if isinstance(t, ShardedTensor):
+                    entries.append((t.key, tuple(t.global_shape), tuple(t.global_offset)))
+        result[kind] = sorted(entries)
+    return result
 
 
 def parse_megatron_args(argv: list[str]):
