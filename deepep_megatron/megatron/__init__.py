@@ -12,11 +12,13 @@ then run it with ``--moe-token-dispatcher-type deepep --moe-router-dtype fp32`` 
 
 Contents: :class:`DeepEPTokenDispatcher` (megatron-core's ``MoETokenDispatcher`` on
 ``deepep_megatron.Buffer``), :func:`install` / :func:`uninstall`, :func:`add_deepep_args` (an
-``extra_args_provider``), :func:`configure` (options without argparse), and :mod:`.metrics`
-(per-layer dispatch/combine bandwidth).
+``extra_args_provider``), :func:`configure` (options without argparse), :mod:`.metrics`
+(per-layer dispatch/combine bandwidth), and :mod:`.grouped_experts` (grouped-GEMM experts without
+Transformer Engine: :func:`grouped_experts_builder`, :func:`use_grouped_experts`).
 """
 
 from deepep_megatron.megatron.dispatcher import DeepEPTokenDispatcher, release_buffers
+from deepep_megatron.megatron.grouped_experts import grouped_experts_builder, use_grouped_experts
 from deepep_megatron.megatron.install import install, installed, uninstall
 from deepep_megatron.megatron.metrics import METRICS, collect
 from deepep_megatron.megatron.options import (
@@ -35,9 +37,11 @@ __all__ = [
     "add_deepep_args",
     "collect",
     "configure",
+    "grouped_experts_builder",
     "install",
     "installed",
     "release_buffers",
     "resolve_options",
     "uninstall",
+    "use_grouped_experts",
 ]
