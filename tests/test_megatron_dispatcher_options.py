@@ -251,3 +251,31 @@ def test_dispatch_with_uneven_tokens(cpu_pools):
         assert ours[rank]["out"].shape[0] == counts[rank]
         assert_step_close(ours[rank], reference[rank], f"vs reference rank {rank}")
         assert_step_close(ours[rank], alltoall[rank], f"vs alltoall rank {rank}")
+
+
+# ---------------------------------------------------------------------------- GPU
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_dispatcher_options_match_reference():
+    """The same options on CUDA tensors (4 ranks sharing GPU 0, BF16 dispatch): expert TP,
+    capacity padding, quantisation padding and uneven token counts equal the plain semantics."""
+    from deepep_megatron.testing.rank_pool import RankPool
+
+    cases = [
+        (2, dict(etp=2)),
+        (4, dict(capacity_factor=1.0, pad_to_capacity=True)),
+        (4, dict(pad_for_quantization=True)),
+        (4, dict(tokens_per_rank=[0, 96, 5, 16])),
+    ]
+    pool = RankPool(4, backend="gloo", device="cuda", env={"DEEPEP_MEGATRON_SHARE_GPU": "1"})
+    try:
+        for ep, kwargs in cases:
+            ours = pool.run(mt.feature_dispatch_step, ep, "deepep", **kwargs)
+            reference = pool.run(mt.feature_dispatch_step, ep, "reference", **kwargs)
+            for rank in range(4):
+                assert_step_close(ours[rank], reference[rank], f"{kwargs} rank {rank}")
+            assert len(set(ours[0]["nvl_bytes"])) == 1
+    finally:
+        pool.close()
