@@ -3,10 +3,9 @@ parallelism (the combined expert-TP x EP group), capacity dropping with padding 
 inputs to capacity, and padding of the expert inputs for quantised GEMMs; and the Buffer size
 agreed across the group with uneven token counts (CPU, gloo ranks).
 
-References: megatron-core's alltoall dispatcher on the same routing (where gloo can run it: its
-expert-TP path all-gathers uneven splits, which gloo refuses, so at ETP > 1 the references are the
-plain semantics and the alltoall dispatcher at ETP = 1 on the same global weights), and the plain
-semantics ``out[t] = sum_e map[t, e] * p[t, e] * expert_e(x[t])``.
+References: megatron-core's alltoall dispatcher on the same routing (its expert-TP path
+all-gathers and reduce-scatters uneven splits, which gloo lacks: ``cpu_compat`` emulates them),
+and the plain semantics ``out[t] = sum_e map[t, e] * p[t, e] * expert_e(x[t])``.
 
 Padding routes (probability 0, added by the router for pad-to-capacity and by the alltoall
 dispatcher for quantisation) are not sent: padding rows are added where the tokens arrive. Their
@@ -138,9 +137,12 @@ def test_expert_tensor_parallel_matches_reference(cpu_pools, ep, etp):
     semantics, and every expert-TP rank of an expert sees the same rows."""
     pool = cpu_pools(4)
     ours = pool.run(mt.feature_dispatch_step, ep, "deepep", etp=etp)
+    alltoall = pool.run(mt.feature_dispatch_step, ep, "alltoall", etp=etp)
     reference = pool.run(mt.feature_dispatch_step, ep, "reference", etp=etp)
     for rank in range(4):
         assert_step_close(ours[rank], reference[rank], f"EP={ep} ETP={etp} rank {rank}")
+        assert_step_close(ours[rank], alltoall[rank], f"vs alltoall EP={ep} ETP={etp} rank {rank}")
+        assert torch.equal(ours[rank]["tokens_per_expert"], alltoall[rank]["tokens_per_expert"])
     for rank in range(0, 4, etp):  # ranks rank..rank+etp-1 form one expert-TP group
         for peer in range(rank + 1, rank + etp):
             assert torch.equal(ours[peer]["tokens_per_expert"], ours[rank]["tokens_per_expert"])
@@ -150,15 +152,18 @@ def test_expert_tensor_parallel_matches_reference(cpu_pools, ep, etp):
 @pytest.mark.parametrize("experts", ["sequential", "grouped"])
 def test_expert_tensor_parallel_moe_layer(cpu_pools, experts):
     """A whole MoELayer at EP=2 x ETP=2 (SequentialMLP, or grouped GEMM experts split by
-    column / row) equals megatron-core's alltoall dispatcher at EP=1 on the same global weights:
-    output, input, router, expert and shared-expert gradients."""
+    column / row) equals megatron-core's alltoall dispatcher at EP=2 x ETP=2 and at EP=1 on the
+    same global weights: output, input, router, expert and shared-expert gradients."""
     pool = cpu_pools(4)
-    reference = pool.run(mt.moe_layer_step, 1, "alltoall")
     ours = pool.run(mt.moe_layer_step, 2, "deepep", experts=experts, etp=2)
-    for rank in range(4):
-        for key in MOE_KEYS:
-            err = rel_err(ours[rank][key], reference[rank][key])
-            assert err <= REL_TOL, f"rank {rank} {key}: relative error {err:.3e}"
+    for reference in (
+        pool.run(mt.moe_layer_step, 2, "alltoall", etp=2),
+        pool.run(mt.moe_layer_step, 1, "alltoall"),
+    ):
+        for rank in range(4):
+            for key in MOE_KEYS:
+                err = rel_err(ours[rank][key], reference[rank][key])
+                assert err <= REL_TOL, f"rank {rank} {key}: relative error {err:.3e}"
 
 
 def test_expert_tensor_parallel_topk_limit(cpu_pools):
