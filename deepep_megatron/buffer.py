@@ -74,7 +74,11 @@ class Buffer:
         low_latency_mode: enable `low_latency_dispatch` / `low_latency_combine`.
         num_qps_per_rank, allow_nvlink_for_low_latency_mode, allow_mnnvl, use_fabric,
         enable_shrink, comm: accepted for compatibility with DeepEP; unused.
-        explicitly_destroy: if True, resources are released only by `destroy()`.
+        explicitly_destroy: if True, resources are released only by `destroy()` (collective).
+            Otherwise they go with the Buffer object. Either way, every rank keeps its Buffer
+            until all ranks' last calls have ended: peers write into this rank's registered
+            memory, and a region freed under a running kernel faults the GPU context. A Buffer
+            whose call timed out keeps that memory until the process ends, for the same reason.
         backend: "auto" (compiled kernels where they can serve), "portable" or "cuda". Defaults
             to the `DEEPEP_MEGATRON_BACKEND` environment variable, else "auto".
         num_ranks_per_node: ranks that share one NVLink domain (default: the whole group, up to

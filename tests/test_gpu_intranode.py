@@ -27,28 +27,11 @@ pytestmark = [
 
 @pytest.fixture(scope="module")
 def gpu_pools():
-    from deepep_megatron.launch import start_mps_daemon
-    from deepep_megatron.testing.rank_pool import RankPool
+    from deepep_megatron.testing.rank_pool import GpuPools
 
-    share_gpu = torch.cuda.device_count() == 1
-    env = {"DEEPEP_MEGATRON_SHARE_GPU": "1" if share_gpu else "0", "DEEPEP_MEGATRON_TIMEOUT_S": "20"}
-    daemon = None
-    if share_gpu:
-        daemon = start_mps_daemon()
-        env.update(daemon.env)
-    pools = {}
-
-    def get(world_size: int) -> RankPool:
-        pool = pools.get(world_size)
-        if pool is None or not pool.alive:
-            pool = pools[world_size] = RankPool(world_size, device="cuda", env=env)
-        return pool
-
-    yield get
-    for pool in pools.values():
-        pool.close()
-    if daemon is not None:
-        daemon.stop()
+    pools = GpuPools({"DEEPEP_MEGATRON_TIMEOUT_S": "20"})
+    yield pools
+    pools.close()
 
 
 # ----------------------------------------------------------------------------- rank functions
@@ -168,6 +151,9 @@ def check_timeout(absent_rank: int):
     )
     x, topk_idx, _ = _inputs(7, rank, 64, 256, 8 * num_ranks, 4, "random")
     if rank == absent_rank:
+        # Absent from the call, not gone: its region must outlive the others' timed-out kernels,
+        # which still write into it (a freed region faults the context every rank shares).
+        dist.barrier()
         return "absent"
     layout = buffer.get_dispatch_layout(topk_idx, 8 * num_ranks)
     start = time.monotonic()
@@ -181,6 +167,7 @@ def check_timeout(absent_rank: int):
     assert f"rank {rank}" in message and f"rank {absent_rank}" in message, message
     with pytest.raises(TimeoutError):  # the buffer stays failed, no hang
         buffer.get_dispatch_layout(topk_idx, 8 * num_ranks)
+    dist.barrier()
     return message
 
 

@@ -35,34 +35,18 @@ EXPERTS_PER_RANK = 8
 
 @pytest.fixture(scope="module")
 def gpu_pools():
-    from deepep_megatron.launch import start_mps_daemon
-    from deepep_megatron.testing.rank_pool import RankPool
+    from deepep_megatron.testing.rank_pool import GpuPools
 
-    share_gpu = torch.cuda.device_count() == 1
-    env = {
-        "DEEPEP_MEGATRON_SHARE_GPU": "1" if share_gpu else "0",
-        "DEEPEP_MEGATRON_TIMEOUT_S": "20",
-        "DEEPEP_MEGATRON_POISON_HOOK_OUTPUTS": "1",
-        # Room for every buffer a pool holds at once (NVSHMEM sizes the heap at its first init).
-        "NVSHMEM_SYMMETRIC_SIZE": str(5 << 30),
-    }
-    daemon = None
-    if share_gpu:
-        daemon = start_mps_daemon()
-        env.update(daemon.env)
-    pools = {}
-
-    def get(world_size: int) -> RankPool:
-        pool = pools.get(world_size)
-        if pool is None or not pool.alive:
-            pool = pools[world_size] = RankPool(world_size, device="cuda", env=env)
-        return pool
-
-    yield get
-    for pool in pools.values():
-        pool.close()
-    if daemon is not None:
-        daemon.stop()
+    pools = GpuPools(
+        {
+            "DEEPEP_MEGATRON_TIMEOUT_S": "20",
+            "DEEPEP_MEGATRON_POISON_HOOK_OUTPUTS": "1",
+            # Room for every buffer a pool holds at once (NVSHMEM sizes the heap at its first init).
+            "NVSHMEM_SYMMETRIC_SIZE": str(5 << 30),
+        }
+    )
+    yield pools
+    pools.close()
 
 
 # ----------------------------------------------------------------------------- rank helpers
@@ -425,6 +409,7 @@ def check_absent_rank(absent_rank: int) -> str:
         with pytest.raises(TimeoutError):  # stays failed
             buffer.low_latency_dispatch(x, topk_idx, 16, experts, use_fp8=False)
     os.environ["DEEPEP_MEGATRON_TIMEOUT_S"] = "20"
+    dist.barrier()  # the absent rank keeps its buffer until the others have given up
     del buffer
     gc.collect()
     dist.barrier()

@@ -124,6 +124,7 @@ def _unclamped_round_trips() -> dict:
         except TimeoutError:
             later_call_raises = True
     torch.cuda.synchronize()  # every kernel of this rank has ended
+    dist.barrier()  # and every other rank's: only then may a completed rank free its region
     return {"outcome": outcome, "correct": correct, "elapsed": elapsed, "later_raises": later_call_raises}
 
 

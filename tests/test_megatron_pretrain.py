@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -25,8 +26,14 @@ SCRIPT = ROOT / "examples" / "pretrain_deepseek_v3" / "pretrain.py"
 pytestmark = pytest.mark.megatron
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _free_the_cpu(cpu_pools):
+    """These tests launch their own ranks: the other tests' idle pools go first."""
+    cpu_pools.close_all()
+
+
 def launch(
-    nproc: int, args: list[str], metrics: Path, env: dict | None = None, timeout: int = 600
+    nproc: int, args: list[str], metrics: Path, env: dict | None = None, timeout: int = 480
 ) -> list[dict]:
     cmd = [
         sys.executable,
@@ -44,11 +51,29 @@ def launch(
         "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
         **(env or {}),
     }
-    proc = subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, f"pretrain failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
+    # Its own session, so that a timeout stops torchrun and every rank it started, and the
+    # output so far still reaches the failure message.
+    proc = subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        env=full_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        pytest.fail(f"pretrain did not finish in {timeout} s:\n{stdout[-4000:]}\n{stderr[-8000:]}")
+    assert proc.returncode == 0, f"pretrain failed:\n{stdout[-4000:]}\n{stderr[-8000:]}"
     return [json.loads(line) for line in metrics.read_text().splitlines()]
 
 
+# Two 4-rank launches: about a minute on a 2-core machine, several where CI is slower.
+@pytest.mark.timeout(1200)
 def test_tiny_pretrain_matches_alltoall(tmp_path):
     iters = ["--config", "tiny", "--train-iters", "5"]
     deepep = launch(

@@ -34,6 +34,13 @@ class HostMapped {
         device_ = nullptr;
     }
 
+    // Forgets the memory without freeing it: a kernel that can still run (a block of a failed
+    // operation not yet resident) may write here later.
+    void abandon() {
+        host_ = nullptr;
+        device_ = nullptr;
+    }
+
     T* host() const { return host_; }      // for the host
     T* device() const { return device_; }  // for kernel parameters
 

@@ -9,6 +9,7 @@
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 
 namespace deepep_megatron {
 
@@ -18,8 +19,14 @@ __device__ __forceinline__ int load_acquire_system(const int* address) {
     return value;
 }
 
-__device__ __forceinline__ unsigned long long load_acquire_system(const unsigned long long* address) {
-    unsigned long long value;
+// 64-bit words: `unsigned long long`, or `uint64_t` (`unsigned long`) where a word is also an
+// NVSHMEM signal.
+template <typename Word>
+using Word64 = std::enable_if_t<sizeof(Word) == 8 && std::is_unsigned_v<Word>, Word>;
+
+template <typename Word>
+__device__ __forceinline__ Word64<Word> load_acquire_system(const Word* address) {
+    Word value;
     asm volatile("ld.acquire.sys.global.b64 %0, [%1];" : "=l"(value) : "l"(address) : "memory");
     return value;
 }
@@ -28,8 +35,15 @@ __device__ __forceinline__ void store_release_system(int* address, int value) {
     asm volatile("st.release.sys.global.b32 [%0], %1;" ::"l"(address), "r"(value) : "memory");
 }
 
-__device__ __forceinline__ void store_release_system(unsigned long long* address, unsigned long long value) {
+template <typename Word>
+__device__ __forceinline__ void store_release_system(Word* address, Word64<Word> value) {
     asm volatile("st.release.sys.global.b64 [%0], %1;" ::"l"(address), "l"(value) : "memory");
+}
+
+// Adds to a counter another rank polls; orders this thread's earlier stores before the addition.
+template <typename Word>
+__device__ __forceinline__ void add_release_system(Word* address, Word64<Word> value) {
+    asm volatile("red.release.sys.global.add.u64 [%0], %1;" ::"l"(address), "l"(value) : "memory");
 }
 
 // Orders this thread's earlier stores (and loads) before its later ones, for every observer.

@@ -25,16 +25,11 @@
 
 #include "common/diagnostics.h"
 #include "common/limits.h"
+#include "device/clock.cuh"
 #include "device/memory_order.cuh"
 #include "device/wait_context.h"
 
 namespace deepep_megatron {
-
-__device__ __forceinline__ long long global_time_ns() {
-    long long now;
-    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(now));
-    return now;
-}
 
 // Flags are epochs compared as "reached", never reset, so wrap-around is harmless.
 __device__ __forceinline__ bool epoch_reached(int flag, int epoch) {

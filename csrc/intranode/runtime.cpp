@@ -51,6 +51,15 @@ Runtime::~Runtime() {
 void Runtime::destroy() {
     if (destroyed_) return;
     destroyed_ = true;
+    if (failed_ || mailbox_.host()->timeout.written) {
+        // After a timeout, peers that gave up at another moment, and blocks of this rank or theirs
+        // that were not yet resident, may still write into this region and mailbox. Freeing them
+        // would fault the GPU context (under MPS: every rank sharing the GPU), so a failed buffer
+        // keeps its memory until the process ends.
+        mailbox_.abandon();
+        region_.abandon();
+        return;
+    }
     c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(region_.device()));
     mailbox_.reset();
     arena_.reset();  // the region is freed when the last arena tensor viewing it is gone

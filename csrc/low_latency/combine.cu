@@ -39,7 +39,7 @@ __device__ __forceinline__ void copy_row(const Vec* source, Vec* target, int num
         Vec values[kCopyUnroll];
 #pragma unroll
         for (int u = 0; u < kCopyUnroll; ++u)
-            if (base + u * 32 + lane < num_vectors) values[u] = load_input(source + base + u * 32 + lane);
+            if (base + u * 32 + lane < num_vectors) values[u] = load_streaming(source + base + u * 32 + lane);
 #pragma unroll
         for (int u = 0; u < kCopyUnroll; ++u)
             if (base + u * 32 + lane < num_vectors) target[base + u * 32 + lane] = values[u];

@@ -7,8 +7,6 @@
 // release operation. A consumer polls with `load_acquire_system`, joins its block, then loads the
 // data with L1-bypassing loads. NVSHMEM puts carry their own signal (the put's data is visible
 // once its signal is).
-//
-// These are kept inside csrc/low_latency until the shared csrc/device helpers land on main.
 #pragma once
 
 #include <nvshmem.h>
@@ -16,50 +14,17 @@
 
 #include <cstdint>
 
+#include "device/clock.cuh"
+#include "device/memory_order.cuh"
+#include "device/vector_copy.cuh"
 #include "low_latency/params.h"
 
 namespace deepep_megatron {
 namespace low_latency {
 
-// ------------------------------------------------------------------------------ memory ordering
-__device__ __forceinline__ uint64_t load_acquire_system(const uint64_t* address) {
-    uint64_t value;
-    asm volatile("ld.acquire.sys.global.u64 %0, [%1];" : "=l"(value) : "l"(address) : "memory");
-    return value;
-}
-
-__device__ __forceinline__ void store_release_system(uint64_t* address, uint64_t value) {
-    asm volatile("st.release.sys.global.u64 [%0], %1;" ::"l"(address), "l"(value) : "memory");
-}
-
-__device__ __forceinline__ void add_release_system(uint64_t* address, uint64_t value) {
-    asm volatile("red.release.sys.global.add.u64 [%0], %1;" ::"l"(address), "l"(value) : "memory");
-}
-
-__device__ __forceinline__ void fence_system() {
-    asm volatile("fence.acq_rel.sys;" ::: "memory");
-}
-
-__device__ __forceinline__ long long global_time_ns() {
-    long long now;
-    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(now));
-    return now;
-}
-
 // ------------------------------------------------------------------------------ vector access
-// Caller inputs: read once, read-only path, no L1 allocation.
-__device__ __forceinline__ int4 load_input(const int4* address) {
-    int4 v;
-    asm volatile("ld.global.nc.L1::no_allocate.v4.s32 {%0, %1, %2, %3}, [%4];"
-                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-                 : "l"(address));
-    return v;
-}
-__device__ __forceinline__ int load_input(const int* address) {
-    int v;
-    asm volatile("ld.global.nc.L1::no_allocate.s32 %0, [%1];" : "=r"(v) : "l"(address));
-    return v;
-}
+// Caller inputs are read with device/vector_copy.cuh's load_streaming; memory ordering and the
+// clock come from device/memory_order.cuh and device/clock.cuh.
 
 // Memory other ranks wrote (landing areas): L2 only, never a stale L1 line.
 __device__ __forceinline__ int4 load_landed(const int4* address) {

@@ -85,7 +85,7 @@ __device__ __forceinline__ void cast_part(const DispatchParams& p, int token, in
     int4 raw[kFp8Iterations];
 #pragma unroll
     for (int u = 0; u < kFp8Iterations; ++u)
-        if (u * 256 + lane * 8 < channels) raw[u] = load_input(source + u * 32 + lane);
+        if (u * 256 + lane * 8 < channels) raw[u] = load_streaming(source + u * 32 + lane);
 #pragma unroll
     for (int u = 0; u < kFp8Iterations; ++u) {
         if (u * 256 >= channels) break;  // warp-uniform: the part's channels are a multiple of 128
@@ -127,7 +127,7 @@ __device__ __forceinline__ void load_bf16_part(const DispatchParams& p, int toke
     const int num_vectors = channels * 2 / static_cast<int>(sizeof(Vec));
 #pragma unroll
     for (int i = 0; i < Bf16Part<Vec>::kPerLane; ++i)
-        if (lane + 32 * i < num_vectors) out.values[i] = load_input(source + lane + 32 * i);
+        if (lane + 32 * i < num_vectors) out.values[i] = load_streaming(source + lane + 32 * i);
 }
 
 template <typename Vec>

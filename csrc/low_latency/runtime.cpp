@@ -96,6 +96,14 @@ LowLatencyRuntime::~LowLatencyRuntime() {
 void LowLatencyRuntime::destroy() {
     if (destroyed_) return;
     destroyed_ = true;
+    if (failed_ || (record_ != nullptr && record_->flag)) {
+        // A peer or a not-yet-resident block of a failed call may still write the record or
+        // read the peer table: keep both until the process ends (see intranode::Runtime::destroy).
+        record_ = nullptr;
+        peer_bases_device_ = nullptr;
+        block_ = nullptr;
+        return;
+    }
     c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device_));
     if (peer_bases_device_ != nullptr) cudaFree(peer_bases_device_);
     if (record_ != nullptr) cudaFreeHost(record_);

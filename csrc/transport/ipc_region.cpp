@@ -66,6 +66,13 @@ void IpcRegion::close() {
     owner_.reset();  // the allocation lives on while arena tensors still view it
 }
 
+void IpcRegion::abandon() {
+    if (!owner_) return;
+    new std::shared_ptr<void>(std::move(owner_));  // deliberately leaked: the deleter never runs
+    peer_bases_.assign(num_ranks_, nullptr);
+    peers_open_ = false;
+}
+
 PeerRegions IpcRegion::peer_table() const {
     PeerRegions peers{};
     for (int peer = 0; peer < num_ranks_; ++peer) peers.base[peer] = peer_bases_[peer];

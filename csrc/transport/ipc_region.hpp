@@ -31,6 +31,9 @@ class IpcRegion {
     void open_peers(const std::vector<std::string>& handles);
     // Unmaps the peers and drops this object's ownership of the allocation. Idempotent.
     void close();
+    // Gives the allocation and the peers' mappings up without freeing or unmapping them: for a
+    // group that failed, where a peer's kernel may still write here after this rank is done.
+    void abandon();
 
     bool peers_open() const { return peers_open_; }
     int device() const { return device_; }

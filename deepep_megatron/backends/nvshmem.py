@@ -29,7 +29,7 @@ import torch.distributed as dist
 
 def _load():
     try:
-        from deepep_megatron import _nvshmem
+        import deepep_megatron._nvshmem as _nvshmem
     except ImportError as error:
         return None, (
             f"the NVSHMEM kernels are not built ({error}); "

@@ -10,6 +10,9 @@ then run it with ``--moe-token-dispatcher-type deepep --moe-router-dtype fp32`` 
 
     torchrun ... -m deepep_megatron.megatron.run pretrain_gpt.py --moe-token-dispatcher-type deepep ...
 
+Megatron's own flex dispatcher (``--moe-token-dispatcher-type flex --moe-flex-dispatcher-backend
+deepep``) runs on ``deepep_megatron.Buffer`` after :func:`use_for_flex_dispatcher` (:mod:`.flex`).
+
 Contents: :class:`DeepEPTokenDispatcher` (megatron-core's ``MoETokenDispatcher`` on
 ``deepep_megatron.Buffer``), :func:`install` / :func:`uninstall`, :func:`add_deepep_args` (an
 ``extra_args_provider``), :func:`configure` (options without argparse), :mod:`.metrics`
@@ -18,6 +21,7 @@ Transformer Engine: :func:`grouped_experts_builder`, :func:`use_grouped_experts`
 """
 
 from deepep_megatron.megatron.dispatcher import DeepEPTokenDispatcher, release_buffers
+from deepep_megatron.megatron.flex import stop_using_for_flex_dispatcher, use_for_flex_dispatcher
 from deepep_megatron.megatron.grouped_experts import grouped_experts_builder, use_grouped_experts
 from deepep_megatron.megatron.install import install, installed, uninstall
 from deepep_megatron.megatron.metrics import METRICS, collect
@@ -42,6 +46,8 @@ __all__ = [
     "installed",
     "release_buffers",
     "resolve_options",
+    "stop_using_for_flex_dispatcher",
     "uninstall",
+    "use_for_flex_dispatcher",
     "use_grouped_experts",
 ]

@@ -14,6 +14,8 @@ every tensor lives on the CPU:
 - with expert tensor parallelism, the alltoall dispatcher all-gathers and reduce-scatters uneven
   splits over the expert-TP group (``tensor_parallel.mappings``); gloo has no uneven all-gather
   and no reduce-scatter, so those two go through equal-size all-gathers and an all-reduce.
+- the EP-overlap schedule (``--overlap-moe-expert-parallel-comm``) calls ``Tensor.record_stream``
+  with its streams, which a CPU tensor rejects for a stand-in stream.
 
 :func:`enable` replaces just these with CPU stand-ins (streams and events that do nothing,
 because CPU work is synchronous, and ``current_device() == "cpu"``), and only when CUDA is not
@@ -160,7 +162,15 @@ def enable() -> bool:
     ):
         _saved[f"mappings.{name}"] = getattr(mappings, name)
         setattr(mappings, name, stand_in)
+    _saved["Tensor.record_stream"] = torch.Tensor.record_stream
+    torch.Tensor.record_stream = _record_stream
     return True
+
+
+def _record_stream(tensor: torch.Tensor, stream) -> None:
+    """``Tensor.record_stream`` that ignores the stand-in streams (nothing to order on the CPU)."""
+    if not isinstance(stream, CpuStream):
+        _saved["Tensor.record_stream"](tensor, stream)
 
 
 def disable() -> None:
@@ -173,6 +183,8 @@ def disable() -> None:
             token_dispatcher.maybe_move_tensor_to_cpu = value
         elif name.startswith("mappings."):
             setattr(mappings, name.split(".", 1)[1], value)
+        elif name == "Tensor.record_stream":
+            torch.Tensor.record_stream = value
         else:
             setattr(torch.cuda, name, value)
     _saved.clear()

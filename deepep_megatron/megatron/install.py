@@ -22,7 +22,12 @@ What :func:`install` changes (megatron-core 0.19.2):
    :class:`DeepEPTokenDispatcher` while a deepep layer is being built, and restores ``deepep`` in
    the config at that moment, before the experts are built), then links the dispatcher to its
    layer. Layers of any other type are untouched.
-4. **Logging** (with ``arguments=True``, when Megatron-LM's ``megatron.training`` is used):
+4. **EP-communication overlap** (``--overlap-moe-expert-parallel-comm``): the combined 1F1B
+   schedule's ``should_free_input`` (``models/common/utils.py``) answers for deepep layers with
+   :func:`~deepep_megatron.megatron.overlap.deepep_frees_input` instead of the default answers
+   (which would free tensors our dispatcher's backward still reads); the schedule's config check
+   (alltoall or flex) already passes through 2.
+5. **Logging** (with ``arguments=True``, when Megatron-LM's ``megatron.training`` is used):
    ``training_log`` -- called by every rank once per iteration -- is wrapped to collect the
    DeepEP metrics (:mod:`deepep_megatron.megatron.metrics`, summed over the expert-parallel group)
    and log them with Megatron's wandb writer (``--wandb-project``...) at the same iteration, and to
@@ -138,6 +143,14 @@ def _patch_moe_layer() -> None:
     _patch(moe_layer.MoELayer, "__init__", __init__)
 
 
+def _patch_overlap_free_input() -> None:
+    from megatron.core.models.common import utils
+
+    from deepep_megatron.megatron.overlap import wrap_should_free_input
+
+    _patch(utils, "should_free_input", wrap_should_free_input(utils.should_free_input))
+
+
 def _patch_arguments() -> bool:
     try:
         from megatron.training import arguments
@@ -211,6 +224,7 @@ def install(arguments: bool = True) -> None:
         _extend_literal_field()
         _patch_config_validation()
         _patch_moe_layer()
+        _patch_overlap_free_input()
         if arguments:
             _patch_arguments()
             _patch_training_log()

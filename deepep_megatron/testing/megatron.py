@@ -56,7 +56,9 @@ def teardown() -> None:
     from megatron.core import parallel_state as ps
 
     from deepep_megatron.megatron import METRICS, configure, cpu_compat, release_buffers, uninstall
+    from deepep_megatron.megatron.flex import stop_using_for_flex_dispatcher
 
+    stop_using_for_flex_dispatcher()
     configure()
     release_buffers()
     METRICS.reset()
@@ -81,8 +83,14 @@ def _session(fn):
 
 def moe_config(dispatcher: str = "deepep", **overrides):
     """A small DeepSeek-V3-style MoE config: sigmoid group-limited top-4 of 16 experts (4 groups,
-    2 kept), expert bias, scaling factor 2.5, fp32 router, one shared expert, SwiGLU, BF16."""
+    2 kept), expert bias, scaling factor 2.5, fp32 router, one shared expert, SwiGLU, BF16.
+    ``dispatcher="flex"`` is megatron-core's flex dispatcher on our Buffer (deepep backend)."""
     from megatron.core.transformer.transformer_config import TransformerConfig
+
+    if dispatcher == "flex":
+        from deepep_megatron.megatron.flex import use_for_flex_dispatcher
+
+        use_for_flex_dispatcher()
 
     kwargs = dict(
         num_layers=1,
@@ -366,12 +374,16 @@ def _run_experts(tokens, tokens_per_expert, permuted_probs, weights, local_exper
 def dispatcher_step(
     ep: int, dispatcher: str, seed: int = 21, drop_fraction: float = 0.0, fp8=None, skew: bool = False
 ):
-    """Run the six stages of one dispatcher with stand-in experts on this rank's tokens, then
-    backward. Returns ``{"out", "grad_x", "grad_probs"}`` (CPU), and for ``dispatcher="reference"``
+    """Run the six stages of one dispatcher (``"deepep"``, megatron-core's ``"alltoall"``, or its
+    ``"flex"`` on our Buffer) with stand-in experts on this rank's tokens, then backward.
+    Returns ``{"out", "grad_x", "grad_probs"}`` (CPU), and for ``dispatcher="reference"``
     the plain semantics computed locally with every expert: ``out[t] = sum_e map[t, e] *
     p[t, e] * (x[t] @ W_e)``."""
     from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
-    from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispatcher
+    from megatron.core.transformer.moe.token_dispatcher import (
+        MoEAlltoAllTokenDispatcher,
+        MoEFlexTokenDispatcher,
+    )
 
     from deepep_megatron.megatron import DeepEPTokenDispatcher, configure
     from deepep_megatron.megatron.options import DeepEPOptions
@@ -392,14 +404,17 @@ def dispatcher_step(
         )
         out = (contributions * (probs * routing_map).unsqueeze(-1)).sum(1).view(SEQ, BATCH, HIDDEN)
     else:
-        config = moe_config(
-            "alltoall" if dispatcher == "alltoall" else "deepep", moe_shared_expert_intermediate_size=None
-        )
+        # megatron's flex dispatcher marks dropped (zero-probability) slots only when a capacity
+        # factor is configured, the only case in which its router drops.
+        dropping = {"moe_expert_capacity_factor": 1.0} if dispatcher == "flex" and drop_fraction > 0 else {}
+        config = moe_config(dispatcher, moe_shared_expert_intermediate_size=None, **dropping)
         num_local = NUM_EXPERTS // ep
         local = list(range(_ep_rank() * num_local, (_ep_rank() + 1) * num_local))
         pgs = get_default_pg_collection()
         if dispatcher == "alltoall":
             disp = MoEAlltoAllTokenDispatcher(num_local, local, config=config, pg_collection=pgs)
+        elif dispatcher == "flex":
+            disp = MoEFlexTokenDispatcher(num_local, local, config=config, pg_collection=pgs)
         else:
             disp = DeepEPTokenDispatcher(
                 num_local, local, config=config, pg_collection=pgs, options=DeepEPOptions(fp8_dispatch=fp8)
@@ -667,6 +682,38 @@ def experts_sharded_state_dict(ep: int):
     return result
 
 
+def flex_binding_states():
+    """What megatron-core's flex path is bound to, before, during and after
+    :func:`~deepep_megatron.megatron.flex.use_for_flex_dispatcher` (run in a rank process: it
+    re-executes megatron's ``fused_a2a``). Returns a list of three ``dict`` snapshots."""
+    import sys
+
+    import deepep_megatron
+    from deepep_megatron.megatron import flex
+
+    def snapshot():
+        fused_a2a = sys.modules[flex.FUSED_A2A]
+        token_dispatcher = sys.modules[flex.TOKEN_DISPATCHER]
+        return {
+            "have_deep_ep": fused_a2a.HAVE_DEEP_EP,
+            "buffer_is_ours": getattr(fused_a2a, "Buffer", None) is deepep_megatron.Buffer,
+            "dispatch_bound": token_dispatcher.fused_dispatch is not None
+            and token_dispatcher.fused_dispatch is fused_a2a.fused_dispatch,
+            "deep_ep_registered": sys.modules.get("deep_ep") is deepep_megatron,
+        }
+
+    import deepep_megatron.megatron  # noqa: F401  (imports megatron's MoE modules first, as users do)
+
+    flex.stop_using_for_flex_dispatcher()
+    states = [snapshot()]
+    flex.use_for_flex_dispatcher()
+    flex.use_for_flex_dispatcher()  # idempotent
+    states.append(snapshot())
+    flex.stop_using_for_flex_dispatcher()
+    states.append(snapshot())
+    return states
+
+
 def parse_megatron_args(argv: list[str]):
     """Megatron-LM's parser (after install()) on ``argv``; returns the namespace."""
     import sys
@@ -689,6 +736,7 @@ __all__ = [
     "experts_sharded_state_dict",
     "feature_dispatch_step",
     "grouped_linear_config_errors",
+    "flex_binding_states",
     "fp8_dispatch_roundtrip",
     "global_weights",
     "load_weights",

@@ -122,3 +122,46 @@ class RankPool:
                 proc.kill()
                 proc.join()
         self._conns, self._procs = [], []
+
+
+class GpuPools:
+    """Live pools of ranks on CUDA tensors by world size, bootstrapped over gloo (NCCL refuses
+    two ranks on one GPU). With fewer GPUs than ranks they share GPU 0 under MPS, started on
+    first need: the compiled kernels need every rank's blocks to run at the same time.
+
+    `GpuPools(env)(world_size)` returns a live pool; `close()` stops the pools and the daemon.
+    """
+
+    def __init__(self, env: dict[str, str] | None = None):
+        self.env = dict(env or {})
+        self._pools: dict[int, RankPool] = {}
+        self._daemon = None
+
+    def __call__(self, world_size: int) -> RankPool:
+        pool = self._pools.get(world_size)
+        if pool is None or not pool.alive:
+            pool = self._pools[world_size] = RankPool(
+                world_size, device="cuda", env=self._rank_env(world_size)
+            )
+        return pool
+
+    def _rank_env(self, world_size: int) -> dict[str, str]:
+        import torch
+
+        from deepep_megatron.launch import start_mps_daemon
+
+        share_gpu = torch.cuda.device_count() < world_size
+        env = {"DEEPEP_MEGATRON_SHARE_GPU": "1" if share_gpu else "0", **self.env}
+        if share_gpu:
+            if self._daemon is None:
+                self._daemon = start_mps_daemon()
+            env.update(self._daemon.env)
+        return env
+
+    def close(self) -> None:
+        for pool in self._pools.values():
+            pool.close()
+        self._pools.clear()
+        if self._daemon is not None:
+            self._daemon.stop()
+            self._daemon = None

@@ -12,9 +12,12 @@ Why a compact loop and not ``megatron.training.pretrain()``: ``pretrain()`` and 
 pipeline schedules allocate on ``device="cuda"`` in many places (timers, token counts, loss
 reduction, DDP streams), so they cannot run on a CPU; this loop runs the same megatron-core
 pieces -- ``GPTModel``, ``DistributedDataParallel``, ``finalize_model_grads`` (DP gradient
-all-reduce and the expert-bias update), ``get_megatron_optimizer`` -- on either device. On a GPU
-cluster, Megatron-LM's ``pretrain_gpt.py`` works as well (``python -m deepep_megatron.megatron.run
-pretrain_gpt.py ... --moe-token-dispatcher-type deepep``).
+all-reduce and the expert-bias update), ``get_megatron_optimizer`` -- on either device. On the
+GPU the micro-batches of an iteration go through megatron-core's schedule instead
+(``megatron_schedule.py``), so ``--overlap-moe-expert-parallel-comm`` applies; ``--compact-loop``
+keeps the compact loop there too. On a GPU cluster, Megatron-LM's ``pretrain_gpt.py`` works as
+well (``python -m deepep_megatron.megatron.run pretrain_gpt.py ... --moe-token-dispatcher-type
+deepep``).
 
 Data: a synthetic "Markov" corpus generated on the fly (each token has a few likely successors),
 so the loss has somewhere to go: from ln(vocab) towards the chain's entropy (printed at start).
@@ -47,6 +50,7 @@ warnings.filterwarnings("ignore", category=FutureWarning)
 logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
 logging.getLogger("megatron.core.models.gpt.gpt_model").setLevel(logging.ERROR)
 
+import megatron_schedule  # noqa: E402
 from configs import CONFIGS  # noqa: E402
 
 
@@ -69,6 +73,11 @@ def example_args(parser):
         "linear, else on torch.nn.functional.grouped_mm) or megatron-core's SequentialMLP; "
         "auto: grouped on a GPU, sequential on the CPU",
     )
+    group.add_argument(
+        "--compact-loop",
+        action="store_true",
+        help="on the GPU too, run the compact micro-batch loop instead of megatron-core's schedules",
+    )
     return parser
 
 
@@ -82,6 +91,10 @@ def parse_arguments(argv: list[str]):
     if config is not None and config not in CONFIGS:
         raise SystemExit(f"--config must be one of {sorted(CONFIGS)}, got {config!r}")
     preset = CONFIGS[config] if config else []
+    if "--overlap-moe-expert-parallel-comm" in argv:
+        # megatron-core excludes the shared-expert overlap under the EP-communication overlap (which
+        # overlaps the shared experts itself); the presets turn it on and it has no --no- flag.
+        preset = [arg for arg in preset if arg != "--moe-shared-expert-overlap"]
 
     from megatron.training.arguments import parse_args, validate_args
 
@@ -322,6 +335,23 @@ def fmt_line(it: int, total: int, s: dict) -> str:
 # ------------------------------------------------------------------ main
 
 
+def compact_step(ddp, micro_batches, positions):
+    """Forward and backward of each micro-batch (token ids ``[B, S + 1]``) in turn, scaled as
+    megatron-core's schedules scale them; returns the mean loss (0-dim tensor)."""
+    import torch
+    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+
+    num_micro = len(micro_batches)
+    MoEAuxLossAutoScaler.set_loss_scale(torch.ones(1, device=positions.device) / num_micro)
+    loss_sum = torch.zeros((), device=positions.device)
+    for tokens in micro_batches:
+        losses = ddp(tokens[:, :-1], positions, None, labels=tokens[:, 1:])
+        loss = losses.float().mean()
+        (loss / num_micro).backward()
+        loss_sum += loss.detach()
+    return loss_sum / num_micro
+
+
 def main(argv: list[str] | None = None) -> dict:
     import deepep_megatron.megatron as dm
 
@@ -334,6 +364,13 @@ def main(argv: list[str] | None = None) -> dict:
     import torch.distributed as dist
 
     use_cuda = torch.cuda.is_available() and not args.cpu
+    # megatron-core's schedules (and so the EP-communication overlap) need the GPU.
+    use_schedule = use_cuda and not args.compact_loop
+    if args.overlap_moe_expert_parallel_comm and not use_schedule:
+        raise SystemExit(
+            "--overlap-moe-expert-parallel-comm runs in megatron-core's schedules, which need a GPU "
+            "(and no --compact-loop / --cpu)"
+        )
     rank, world = args.rank, args.world_size
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if use_cuda:
@@ -377,7 +414,6 @@ def main(argv: list[str] | None = None) -> dict:
     from megatron.core import parallel_state as ps
     from megatron.core import tensor_parallel
     from megatron.core.distributed import finalize_model_grads
-    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
     from megatron.training.arguments import core_transformer_config_from_args
 
     ps.initialize_model_parallel(
@@ -439,21 +475,20 @@ def main(argv: list[str] | None = None) -> dict:
             group["lr"] = lr
         ddp.zero_grad_buffer()
         optimizer.zero_grad()
-        MoEAuxLossAutoScaler.set_loss_scale(torch.ones(1, device=device) / num_micro)
-        loss_sum = torch.zeros((), device=device)
-        for micro in range(num_micro):
-            sample = (iteration * dp_size + dp_rank) * num_micro + micro
-            tokens = data.batch(
-                args.micro_batch_size, args.seq_length + 1, seed=args.seed * 1_000_003 + sample
-            )
-            tokens = tokens.to(device)
-            losses = ddp(tokens[:, :-1], positions, None, labels=tokens[:, 1:])
-            loss = losses.float().mean()
-            (loss / num_micro).backward()
-            loss_sum += loss.detach()
+        micro_batches = [
+            data.batch(
+                args.micro_batch_size,
+                args.seq_length + 1,
+                seed=args.seed * 1_000_003 + (iteration * dp_size + dp_rank) * num_micro + micro,
+            ).to(device)
+            for micro in range(num_micro)
+        ]
+        if use_schedule:
+            loss_mean = megatron_schedule.train_step(ddp, micro_batches, positions, args)
+        else:
+            loss_mean = compact_step(ddp, micro_batches, positions)
         finalize_model_grads([ddp])
         grad_norm = optimizer.step()
-        loss_mean = loss_sum / num_micro
         dist.all_reduce(loss_mean, group=ps.get_data_parallel_group())
         loss_value = loss_mean.item() / dp_size
         elapsed = time.perf_counter() - t0
