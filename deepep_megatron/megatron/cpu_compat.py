@@ -13,14 +13,15 @@ every tensor lives on the CPU:
   for ``all_to_all_single`` but leaves CPU tensors as tensors, which gloo rejects;
 - with expert tensor parallelism, the alltoall dispatcher all-gathers and reduce-scatters uneven
   splits over the expert-TP group (``tensor_parallel.mappings``); gloo has no uneven all-gather
-  and no reduce-scatter, so those two go through equal-size all-gathers and an all-reduce.
+  and no reduce-scatter, so those two go through equal-size all-gathers and an all-reduce;
 - the EP-overlap schedule (``--overlap-moe-expert-parallel-comm``) calls ``Tensor.record_stream``
   with its streams, which a CPU tensor rejects for a stand-in stream.
 
 :func:`enable` replaces just these with CPU stand-ins (streams and events that do nothing,
 because CPU work is synchronous, and ``current_device() == "cpu"``), and only when CUDA is not
 available, so it is a no-op on a GPU machine. :func:`disable` undoes it. Nothing here changes a
-result: every replaced call is about placement or ordering, never about values.
+result: every replaced call is about placement or ordering, or (the uneven collectives) computes
+the same values another way.
 """
 
 from __future__ import annotations
