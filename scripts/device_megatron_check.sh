@@ -12,7 +12,8 @@
 #    (4 ranks on one GPU under MPS: DeepEP dispatcher vs reference, EP=1/2/4 equivalence,
 #    compiled vs portable through a whole MoELayer, FP8 dispatch; proxy losses compiled vs
 #    portable backend; megatron's flex dispatcher on our Buffer; the EP-overlap schedule vs plain
-#    steps, and the example on megatron-core's schedules with and without the overlap).
+#    steps, and the example on megatron-core's schedules with and without the overlap; grouped-GEMM
+#    experts vs SequentialMLP; the deepep dispatcher's expert TP / capacity / padding options).
 # 4. proxy: short DeepSeek-V3 proxy runs (14 layers, 64 experts top-8, MLA), EP=4 ranks on one GPU:
 #    deepep with FP8 dispatch, deepep with BF16 dispatch; and EP=1 (one process, NCCL) deepep vs
 #    megatron-core's alltoall dispatcher (same losses expected; step time compared).
@@ -47,7 +48,8 @@ status=0
 
 if [[ $what == tests || $what == all ]]; then
   python3 -m pytest tests/test_megatron_dispatcher.py tests/test_megatron_pretrain.py \
-    tests/test_megatron_flex.py tests/test_megatron_overlap.py -m gpu -q -rs -s \
+    tests/test_megatron_flex.py tests/test_megatron_overlap.py tests/test_megatron_grouped_experts.py \
+    tests/test_megatron_dispatcher_options.py -m gpu -q -rs -s \
     -p no:cacheprovider --timeout 1200 2>&1 | tee "$OUT/megatron_gpu_tests.log" | tail -30 || status=1
 fi
 

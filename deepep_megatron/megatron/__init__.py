@@ -15,12 +15,14 @@ deepep``) runs on ``deepep_megatron.Buffer`` after :func:`use_for_flex_dispatche
 
 Contents: :class:`DeepEPTokenDispatcher` (megatron-core's ``MoETokenDispatcher`` on
 ``deepep_megatron.Buffer``), :func:`install` / :func:`uninstall`, :func:`add_deepep_args` (an
-``extra_args_provider``), :func:`configure` (options without argparse), and :mod:`.metrics`
-(per-layer dispatch/combine bandwidth).
+``extra_args_provider``), :func:`configure` (options without argparse), :mod:`.metrics`
+(per-layer dispatch/combine bandwidth), and :mod:`.grouped_experts` (grouped-GEMM experts without
+Transformer Engine: :func:`grouped_experts_builder`, :func:`use_grouped_experts`).
 """
 
 from deepep_megatron.megatron.dispatcher import DeepEPTokenDispatcher, release_buffers
 from deepep_megatron.megatron.flex import stop_using_for_flex_dispatcher, use_for_flex_dispatcher
+from deepep_megatron.megatron.grouped_experts import grouped_experts_builder, use_grouped_experts
 from deepep_megatron.megatron.install import install, installed, uninstall
 from deepep_megatron.megatron.metrics import METRICS, collect
 from deepep_megatron.megatron.options import (
@@ -39,6 +41,7 @@ __all__ = [
     "add_deepep_args",
     "collect",
     "configure",
+    "grouped_experts_builder",
     "install",
     "installed",
     "release_buffers",
@@ -46,4 +49,5 @@ __all__ = [
     "stop_using_for_flex_dispatcher",
     "uninstall",
     "use_for_flex_dispatcher",
+    "use_grouped_experts",
 ]

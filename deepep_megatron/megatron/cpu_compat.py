@@ -11,13 +11,17 @@ every tensor lives on the CPU:
 - ``MoEAuxLossAutoScaler``'s loss scale is set on the CUDA device by ``megatron.training``;
 - the alltoall dispatcher's ``maybe_move_tensor_to_cpu`` turns CUDA split sizes into numpy arrays
   for ``all_to_all_single`` but leaves CPU tensors as tensors, which gloo rejects;
+- with expert tensor parallelism, the alltoall dispatcher all-gathers and reduce-scatters uneven
+  splits over the expert-TP group (``tensor_parallel.mappings``); gloo has no uneven all-gather
+  and no reduce-scatter, so those two go through equal-size all-gathers and an all-reduce;
 - the EP-overlap schedule (``--overlap-moe-expert-parallel-comm``) calls ``Tensor.record_stream``
   with its streams, which a CPU tensor rejects for a stand-in stream.
 
 :func:`enable` replaces just these with CPU stand-ins (streams and events that do nothing,
 because CPU work is synchronous, and ``current_device() == "cpu"``), and only when CUDA is not
 available, so it is a no-op on a GPU machine. :func:`disable` undoes it. Nothing here changes a
-result: every replaced call is about placement or ordering, never about values.
+result: every replaced call is about placement or ordering, or (the uneven collectives) computes
+the same values another way.
 """
 
 from __future__ import annotations
@@ -83,6 +87,35 @@ def _stream_context(stream=None):
     return contextlib.nullcontext()
 
 
+def _gather_uneven(input_, group, output_split_sizes=None, use_global_buffer=False):
+    """``mappings._gather_along_first_dim`` with uneven splits, over gloo: every rank's rows
+    padded to the largest split, an equal-size all-gather, then the padding cut off."""
+    import torch.distributed as dist
+
+    original = _saved["mappings._gather_along_first_dim"]
+    if output_split_sizes is None or group.size() == 1:
+        return original(input_, group, output_split_sizes, use_global_buffer)
+    most = max(output_split_sizes)
+    padded = input_.new_zeros((most, *input_.shape[1:]))
+    padded[: input_.size(0)] = input_
+    pieces = [torch.empty_like(padded) for _ in output_split_sizes]
+    dist.all_gather(pieces, padded, group=group)
+    return torch.cat([piece[:n] for piece, n in zip(pieces, output_split_sizes)])
+
+
+def _reduce_scatter_uneven(input_, group, input_split_sizes=None, use_global_buffer=False):
+    """``mappings._reduce_scatter_along_first_dim`` with uneven splits, over gloo: an all-reduce
+    (sum) of the whole input, then this rank's split."""
+    import torch.distributed as dist
+
+    original = _saved["mappings._reduce_scatter_along_first_dim"]
+    if input_split_sizes is None or group.size() == 1:
+        return original(input_, group, input_split_sizes, use_global_buffer)
+    total = input_.clone()
+    dist.all_reduce(total, group=group)
+    return torch.split(total, list(input_split_sizes))[group.rank()].contiguous()
+
+
 def enabled() -> bool:
     return bool(_saved)
 
@@ -122,6 +155,14 @@ def enable() -> bool:
 
     _saved["token_dispatcher.maybe_move_tensor_to_cpu"] = original
     token_dispatcher.maybe_move_tensor_to_cpu = maybe_move_tensor_to_cpu
+    from megatron.core.tensor_parallel import mappings
+
+    for name, stand_in in (
+        ("_gather_along_first_dim", _gather_uneven),
+        ("_reduce_scatter_along_first_dim", _reduce_scatter_uneven),
+    ):
+        _saved[f"mappings.{name}"] = getattr(mappings, name)
+        setattr(mappings, name, stand_in)
     _saved["Tensor.record_stream"] = torch.Tensor.record_stream
     torch.Tensor.record_stream = _record_stream
     return True
@@ -135,11 +176,14 @@ def _record_stream(tensor: torch.Tensor, stream) -> None:
 
 def disable() -> None:
     """Restore what :func:`enable` replaced."""
+    from megatron.core.tensor_parallel import mappings
+    from megatron.core.transformer.moe import token_dispatcher
+
     for name, value in _saved.items():
         if name == "token_dispatcher.maybe_move_tensor_to_cpu":
-            from megatron.core.transformer.moe import token_dispatcher
-
             token_dispatcher.maybe_move_tensor_to_cpu = value
+        elif name.startswith("mappings."):
+            setattr(mappings, name.split(".", 1)[1], value)
         elif name == "Tensor.record_stream":
             torch.Tensor.record_stream = value
         else:

@@ -49,6 +49,18 @@ from megatron.core.transformer.moe.token_dispatcher import MoETokenDispatcher
 from deepep_megatron.buffer import Buffer
 from deepep_megatron.config import Config
 from deepep_megatron.fp8 import per_token_cast_back, per_token_cast_to_fp8
+from deepep_megatron.megatron.buffer_sizing import agreed_tokens_per_rank
+from deepep_megatron.megatron.expert_padding import (
+    pad_rows,
+    padded_counts,
+    padding_destinations,
+    unpad_rows,
+)
+from deepep_megatron.megatron.expert_tensor_parallel import (
+    check_group_order,
+    expand_over_expert_tp,
+    real_expert_counts,
+)
 from deepep_megatron.megatron.metrics import METRICS, call_network_bytes
 from deepep_megatron.megatron.options import DeepEPOptions, fp8_dispatch_enabled, resolve_options
 from deepep_megatron.network_bytes import RowFormat
@@ -68,12 +80,16 @@ def _group_key(group: dist.ProcessGroup) -> int:
 
 def get_buffer(group: dist.ProcessGroup, hidden: int, num_tokens: int, options: DeepEPOptions) -> Buffer:
     """The Buffer shared by every DeepEP MoE layer of ``group``, created on first use and
-    re-created larger when a batch needs more room than it was sized for."""
+    re-created larger when a batch needs more room than it was sized for.
+
+    Collective: the size follows the largest token count of any rank
+    (:func:`~deepep_megatron.megatron.buffer_sizing.agreed_tokens_per_rank`), so every rank
+    builds or rebuilds at the same call, with the same size."""
     group_size = dist.get_world_size(group)
-    wanted_tokens = max(num_tokens, options.max_tokens_per_rank or 0)
     if options.num_nvl_bytes is not None:
         num_nvl_bytes = options.num_nvl_bytes
     else:
+        wanted_tokens = max(agreed_tokens_per_rank(group, num_tokens), options.max_tokens_per_rank or 0)
         config = Config(num_max_tokens_per_rank=max(1, wanted_tokens))
         num_nvl_bytes = config.get_nvl_buffer_size_hint(hidden * 2, group_size)
     if options.num_sms is not None and Buffer.num_sms != options.num_sms:
@@ -108,6 +124,9 @@ class _DispatchState:
         "slots",
         "num_recv_rows",
         "fp8",
+        "rows_per_expert",
+        "padding",
+        "expert_tp",
     )
 
     def __init__(self) -> None:
@@ -118,6 +137,9 @@ class _DispatchState:
         self.slots = None
         self.num_recv_rows = 0
         self.fp8 = False
+        self.rows_per_expert = None  # pad-to-capacity: rows of every local expert
+        self.padding = None  # (destinations of the real rows, padded row count) when padded
+        self.expert_tp = (1, 1)  # (local experts, expert-TP size): folds virtual expert counts
 
 
 def _row_bytes(hidden: int, fp8: bool) -> float:
@@ -179,7 +201,7 @@ class _Dispatch(torch.autograd.Function):
                 buffer.num_ranks_per_node,
                 RowFormat(x.size(1), fp8, topk_idx.size(1)),
             )
-        METRICS.add_expert_counts(layer, num_per_expert)
+        METRICS.add_expert_counts(layer, real_expert_counts(num_per_expert, *state.expert_tp))
         if fp8:
             recv_x = per_token_cast_back(*recv_x)
         recv_x = recv_x.to(x.dtype)
@@ -360,7 +382,10 @@ class DeepEPTokenDispatcher(MoETokenDispatcher):
         pg_collection: process groups (``ep`` is the communication group).
         options: overrides :func:`~deepep_megatron.megatron.options.resolve_options`.
 
-    Expert tensor parallelism (``expert_tensor_parallel_size``) must be 1.
+    Expert tensor parallelism (``expert_tensor_parallel_size`` T > 1) dispatches over the
+    combined expert-TP x EP group (:mod:`~deepep_megatron.megatron.expert_tensor_parallel`);
+    ``moe_pad_expert_input_to_capacity`` and ``moe_router_padding_for_quantization`` pad the
+    experts' inputs where they arrive (:mod:`~deepep_megatron.megatron.expert_padding`).
     """
 
     def __init__(
@@ -376,10 +401,6 @@ class DeepEPTokenDispatcher(MoETokenDispatcher):
 
             pg_collection = get_default_pg_collection()
         super().__init__(config=config, pg_collection=pg_collection)
-        if self.tp_size != 1:
-            raise NotImplementedError(
-                f"DeepEPTokenDispatcher needs expert_tensor_parallel_size == 1, got {self.tp_size}"
-            )
         if config.num_moe_experts is None or config.num_moe_experts % self.ep_size != 0:
             raise ValueError(
                 f"num_moe_experts={config.num_moe_experts} must be a multiple of EP={self.ep_size}"
@@ -388,8 +409,12 @@ class DeepEPTokenDispatcher(MoETokenDispatcher):
             range(local_expert_indices[0], local_expert_indices[0] + num_local_experts)
         ):
             raise ValueError("local_expert_indices must be contiguous")
-        if config.moe_pad_expert_input_to_capacity:
-            raise NotImplementedError("DeepEPTokenDispatcher does not pad expert inputs to capacity")
+        self._setup_expert_tp(config)
+        self.pad_multiple = 0
+        if config.moe_router_padding_for_quantization:
+            from megatron.core.transformer.moe.moe_utils import get_align_size_for_quantization
+
+            self.pad_multiple = get_align_size_for_quantization(config)
         self.num_local_experts = num_local_experts
         self.local_expert_indices = list(local_expert_indices)
         self.num_experts = config.num_moe_experts
@@ -404,6 +429,37 @@ class DeepEPTokenDispatcher(MoETokenDispatcher):
         self.cudagraph_attrs = []
 
     # -------------------------------------------------------------- helpers
+    def _setup_expert_tp(self, config) -> None:
+        """The communication group and expert count of the dispatch: the EP group, or with
+        expert-TP T > 1 the TP x EP group with T virtual experts per expert."""
+        self.comm_group = self.ep_group
+        self.num_dispatch_experts = config.num_moe_experts
+        if self.tp_size == 1:
+            return
+        from deepep_megatron.limits import MAX_TOPK
+
+        if config.moe_router_topk * self.tp_size > MAX_TOPK:
+            raise ValueError(
+                f"expert tensor parallelism {self.tp_size} x top-{config.moe_router_topk} sends each "
+                f"token to {config.moe_router_topk * self.tp_size} ranks' experts, more than "
+                f"the dispatch's top-k limit {MAX_TOPK}"
+            )
+        check_group_order(self.tp_ep_group, dist.get_rank(self.ep_group), self.tp_rank, self.tp_size)
+        self.comm_group = self.tp_ep_group
+        self.num_dispatch_experts = config.num_moe_experts * self.tp_size
+
+    def _pad_to_capacity(self, num_tokens: int) -> int | None:
+        """Rows per local expert with ``moe_pad_expert_input_to_capacity``: every sender's
+        capacity (as the router computes it from ``num_tokens``), times the senders; else None."""
+        if not self.config.moe_pad_expert_input_to_capacity:
+            return None
+        from megatron.core.transformer.moe.moe_utils import get_capacity
+
+        capacity = get_capacity(
+            num_tokens * self.topk, self.num_experts, self.config.moe_expert_capacity_factor
+        )
+        return capacity * dist.get_world_size(self.comm_group)
+
     @property
     def layer_id(self) -> int | None:
         """The MoE layer's number (for metrics); a stable made-up id outside an MoELayer; None
@@ -433,8 +489,17 @@ class DeepEPTokenDispatcher(MoETokenDispatcher):
         hidden_states = hidden_states.reshape(-1, self.hidden_shape[-1])
         if probs.dtype != torch.float32:
             probs = probs.float()
-        self._topk_idx, topk_probs = routing_map_to_topk(routing_map, probs, self.topk)
+        if self.config.moe_pad_expert_input_to_capacity:
+            # The router pads the map with probability-0 routes; send only the real ones and pad
+            # where they arrive (dispatch_postprocess).
+            routing_map = routing_map & (probs > 0)
+        topk_idx, topk_probs = routing_map_to_topk(routing_map, probs, self.topk)
+        self._topk_idx, topk_probs = expand_over_expert_tp(
+            topk_idx, topk_probs, self.num_local_experts, self.tp_size
+        )
         self._state = _DispatchState()
+        self._state.rows_per_expert = self._pad_to_capacity(hidden_states.size(0))
+        self._state.expert_tp = (self.num_local_experts, self.tp_size)
         return hidden_states, topk_probs
 
     def token_dispatch(self, hidden_states: torch.Tensor, probs: torch.Tensor):
@@ -453,14 +518,14 @@ class DeepEPTokenDispatcher(MoETokenDispatcher):
                 hidden_states.view(self.hidden_shape), wait_current_stream=False
             )
             self.shared_experts.linear_fc1_forward_and_act()
-        buffer = get_buffer(self.ep_group, hidden_states.size(-1), hidden_states.size(0), self.options)
+        buffer = get_buffer(self.comm_group, hidden_states.size(-1), hidden_states.size(0), self.options)
         state = self._state
         recv_x, recv_probs = _Dispatch.apply(
             hidden_states,
             probs,
             self._topk_idx,
             buffer,
-            self.num_experts,
+            self.num_dispatch_experts,
             self.fp8_dispatch(hidden_states),
             state,
             self.layer_id,
@@ -478,12 +543,20 @@ class DeepEPTokenDispatcher(MoETokenDispatcher):
         state.permuted_rows, state.slots = rows, slots
         permuted_tokens = _PermuteRows.apply(hidden_states, rows, slots)
         permuted_probs = probs.reshape(-1).index_select(0, positions)
-        tokens_per_expert = torch.tensor(counts, dtype=torch.long)
+        padded = padded_counts(counts, rows_per_expert=state.rows_per_expert, multiple=self.pad_multiple)
+        if padded != counts:
+            destinations = padding_destinations(counts, padded, permuted_tokens.device)
+            state.padding = (destinations, sum(padded))
+            permuted_tokens = pad_rows(permuted_tokens, destinations, sum(padded))
+            permuted_probs = pad_rows(permuted_probs, destinations, sum(padded))
+        tokens_per_expert = torch.tensor(padded, dtype=torch.long)
         return permuted_tokens, tokens_per_expert, permuted_probs
 
     def combine_preprocess(self, hidden_states: torch.Tensor):
         """Expert-major outputs -> one row per received token (sum over its local experts)."""
         state = self._state
+        if state.padding is not None:
+            hidden_states = unpad_rows(hidden_states, state.padding[0])
         return _UnpermuteRows.apply(hidden_states, state.permuted_rows, state.slots)
 
     def token_combine(self, hidden_states: torch.Tensor):

@@ -33,8 +33,9 @@ class DeepEPOptions:
             ``hidden_size % 128 == 0``; with the automatic default, other sizes dispatch BF16.
         num_sms: SMs the communication kernels use (``Buffer.set_num_sms``); ``None`` keeps the
             library default (20).
-        num_nvl_bytes: bytes of the intranode buffer; ``None`` sizes it from the token count
-            (``Config.get_nvl_buffer_size_hint``) and grows it when a batch needs more.
+        num_nvl_bytes: bytes of the intranode buffer; ``None`` sizes it from the largest token
+            count of any rank of the group (``Config.get_nvl_buffer_size_hint``; one MAX
+            all-reduce per dispatch) and grows it when a batch needs more.
         max_tokens_per_rank: tokens per rank the automatic sizing provisions for at least.
         backend: ``"auto"`` (compiled kernels for CUDA tensors when built), ``"portable"`` or
             ``"cuda"`` (see ``deepep_megatron.Buffer``).

@@ -30,10 +30,10 @@ def device() -> torch.device:
     )
 
 
-def setup(ep: int, seed: int = 1234) -> None:
-    """(Re)initialise megatron-core's parallel state with expert parallelism ``ep`` over the
-    whole world (the rest is data parallelism), install the deepep dispatcher and the CPU
-    stand-ins where there is no GPU."""
+def setup(ep: int, seed: int = 1234, etp: int = 1) -> None:
+    """(Re)initialise megatron-core's parallel state with expert parallelism ``ep`` and expert
+    tensor parallelism ``etp`` over the whole world (the rest is data parallelism), install the
+    deepep dispatcher and the CPU stand-ins where there is no GPU."""
     from megatron.core import tensor_parallel
 
     from deepep_megatron.megatron import cpu_compat, install, release_buffers
@@ -41,14 +41,14 @@ def setup(ep: int, seed: int = 1234) -> None:
     cpu_compat.enable()
     install(arguments=False)
     release_buffers()
-    _parallel_state(ep)
+    _parallel_state(ep, etp)
     torch.manual_seed(seed)
     if torch.cuda.is_available():
         tensor_parallel.model_parallel_cuda_manual_seed(seed)
 
 
-def _parallel_state(ep: int) -> None:
-    """megatron-core's parallel state with EP ``ep``, reused when a test before set up the same.
+def _parallel_state(ep: int, etp: int) -> None:
+    """A fresh megatron-core parallel state with EP ``ep`` and expert TP ``etp``.
 
     megatron builds a few dozen process groups per initialisation and ``destroy_model_parallel``
     only forgets them: on gloo each keeps its threads, and a rank pool shared by many tests grew
@@ -57,10 +57,8 @@ def _parallel_state(ep: int) -> None:
     from megatron.core import parallel_state as ps
 
     if ps.model_parallel_is_initialized():
-        if ps.get_expert_model_parallel_world_size() == ep:
-            return
         _destroy_parallel_state()
-    ps.initialize_model_parallel(expert_model_parallel_size=ep)
+    ps.initialize_model_parallel(expert_model_parallel_size=ep, expert_tensor_parallel_size=etp)
 
 
 def _destroy_parallel_state() -> None:
@@ -79,12 +77,13 @@ def teardown() -> None:
     state, install() patches and the CPU stand-ins."""
     from megatron.core import parallel_state as ps
 
-    from deepep_megatron.megatron import configure, cpu_compat, release_buffers, uninstall
+    from deepep_megatron.megatron import METRICS, configure, cpu_compat, release_buffers, uninstall
     from deepep_megatron.megatron.flex import stop_using_for_flex_dispatcher
 
     stop_using_for_flex_dispatcher()
     configure()
     release_buffers()
+    METRICS.reset()
     if ps.model_parallel_is_initialized():
         _destroy_parallel_state()
     uninstall()
@@ -145,6 +144,7 @@ def moe_config(dispatcher: str = "deepep", **overrides):
         bias_activation_fusion=False,
         gradient_accumulation_fusion=False,
         expert_model_parallel_size=_ep_size(),
+        expert_tensor_parallel_size=_etp_size(),
     )
     kwargs.update(overrides)
     return TransformerConfig(**kwargs)
@@ -156,15 +156,82 @@ def _ep_size() -> int:
     return ps.get_expert_model_parallel_world_size()
 
 
-def build_moe_layer(config):
-    """megatron-core's MoELayer from the local (non-TE) spec: TopKRouter, SequentialMLP experts,
-    SharedExpertMLP."""
+def _etp_size() -> int:
+    from megatron.core import parallel_state as ps
+
+    return ps.get_expert_tensor_parallel_world_size()
+
+
+def _etp_rank() -> int:
+    from megatron.core import parallel_state as ps
+
+    return ps.get_expert_tensor_parallel_rank()
+
+
+def _fc1_shard(full: torch.Tensor) -> torch.Tensor:
+    """This expert-TP rank's rows of a GLU fc1 weight ``[2F, H]``: its slice of the gate half,
+    then the same slice of the linear half (megatron-core's column-parallel GLU layout)."""
+    tp, t = _etp_size(), _etp_rank()
+    gate, linear = full.chunk(2)
+    return torch.cat([gate.chunk(tp)[t], linear.chunk(tp)[t]])
+
+
+def _fc2_shard(full: torch.Tensor) -> torch.Tensor:
+    """This expert-TP rank's input columns of an fc2 weight ``[H, F]`` (row-parallel)."""
+    return full.chunk(_etp_size(), dim=1)[_etp_rank()]
+
+
+def _fc1_unshard(shard: torch.Tensor, full_rows: int) -> torch.Tensor:
+    """Place an fc1 shard (or its gradient) into a zero ``[2F, H]`` at its global rows."""
+    tp, t = _etp_size(), _etp_rank()
+    out = shard.new_zeros(full_rows, shard.size(1))
+    half, part = full_rows // 2, full_rows // 2 // tp
+    gate, linear = shard.chunk(2)
+    out[t * part : (t + 1) * part] = gate
+    out[half + t * part : half + (t + 1) * part] = linear
+    return out
+
+
+def _fc2_unshard(shard: torch.Tensor, full_cols: int) -> torch.Tensor:
+    out = shard.new_zeros(shard.size(0), full_cols)
+    t, part = _etp_rank(), full_cols // _etp_size()
+    out[:, t * part : (t + 1) * part] = shard
+    return out
+
+
+def build_moe_layer(config, experts: str = "sequential"):
+    """megatron-core's MoELayer from the local (non-TE) spec: TopKRouter, SharedExpertMLP and
+    ``SequentialMLP`` experts, or with ``experts="grouped"`` ``TEGroupedMLP`` on torch's grouped
+    GEMM (:mod:`deepep_megatron.megatron.grouped_experts`)."""
+    import dataclasses
+
     from megatron.core.models.backends import LocalSpecProvider
     from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec_for_backend
 
+    from deepep_megatron.megatron.grouped_experts import grouped_experts_builder
+
     builder = get_moe_module_spec_for_backend(LocalSpecProvider(), num_experts=config.num_moe_experts)
+    if experts == "grouped":
+        submodules = dataclasses.replace(
+            builder.keywords["submodules"], experts=grouped_experts_builder("torch")
+        )
+        builder = functools.partial(builder.func, submodules=submodules)
+    elif experts != "sequential":
+        raise ValueError(f"experts must be sequential or grouped, got {experts!r}")
     layer = builder(config=config, layer_number=1)
     return layer.to(device())
+
+
+def local_expert_linears(layer):
+    """``[(fc1 weight, fc2 weight)]`` per local expert of an MoELayer with either kind of experts
+    (``SequentialMLP``'s ``local_experts[i]``, or grouped ``weight{i}``)."""
+    experts = layer.experts
+    if hasattr(experts, "local_experts"):
+        return [(e.linear_fc1.weight, e.linear_fc2.weight) for e in experts.local_experts]
+    return [
+        (getattr(experts.linear_fc1, f"weight{i}"), getattr(experts.linear_fc2, f"weight{i}"))
+        for i in range(experts.num_local_experts)
+    ]
 
 
 def global_weights(config, seed: int = 7) -> dict[str, torch.Tensor]:
@@ -191,10 +258,10 @@ def load_weights(layer, weights: dict[str, torch.Tensor]) -> None:
         layer.router.weight.copy_(weights["router"])
         if layer.router.expert_bias is not None:
             layer.router.expert_bias.copy_(weights["expert_bias"])
-        for i, expert in enumerate(layer.experts.local_experts):
+        for i, (fc1, fc2) in enumerate(local_expert_linears(layer)):
             e = layer.local_expert_indices[i]
-            expert.linear_fc1.weight.copy_(weights["fc1"][e])
-            expert.linear_fc2.weight.copy_(weights["fc2"][e])
+            fc1.copy_(_fc1_shard(weights["fc1"][e]))
+            fc2.copy_(_fc2_shard(weights["fc2"][e]))
         if layer.shared_experts is not None:
             layer.shared_experts.linear_fc1.weight.copy_(weights["shared_fc1"])
             layer.shared_experts.linear_fc2.weight.copy_(weights["shared_fc2"])
@@ -211,11 +278,11 @@ def _expert_grads(layer, config) -> dict[str, torch.Tensor]:
     e, f, h = config.num_moe_experts, config.moe_ffn_hidden_size, config.hidden_size
     fc1 = torch.zeros(e, 2 * f, h, dtype=torch.float32, device=device())
     fc2 = torch.zeros(e, h, f, dtype=torch.float32, device=device())
-    for i, expert in enumerate(layer.experts.local_experts):
+    for i, (w1, w2) in enumerate(local_expert_linears(layer)):
         idx = layer.local_expert_indices[i]
-        if expert.linear_fc1.weight.grad is not None:
-            fc1[idx] = expert.linear_fc1.weight.grad.float()
-            fc2[idx] = expert.linear_fc2.weight.grad.float()
+        if w1.grad is not None:
+            fc1[idx] = _fc1_unshard(w1.grad.float(), 2 * f)
+            fc2[idx] = _fc2_unshard(w2.grad.float(), f)
     for t in (fc1, fc2):
         dist.all_reduce(t)
     return {"grad_fc1": fc1.cpu(), "grad_fc2": fc2.cpu()}
@@ -229,24 +296,29 @@ def moe_layer_step(
     fp8=None,
     seed: int = 11,
     backend: str | None = None,
+    experts: str = "sequential",
+    etp: int = 1,
+    **config_overrides,
 ):
     """Forward and backward of one MoELayer on this rank's tokens. Returns CPU tensors: the
     output, the input gradient, the router weight gradient (this rank's tokens only), the
     expert and shared-expert gradients (summed over all ranks), and which Buffer backend served.
 
     ``fp8``: None = the default (on for CUDA tensors); ``backend``: the Buffer backend
-    ("auto", "portable", "cuda"; None = the default)."""
+    ("auto", "portable", "cuda"; None = the default); ``experts``: "sequential" or "grouped"
+    (:func:`build_moe_layer`); ``etp``: expert tensor parallelism; ``config_overrides``: more
+    TransformerConfig fields (e.g. ``moe_expert_capacity_factor``)."""
     from deepep_megatron.megatron import configure
     from deepep_megatron.megatron.dispatcher import _BUFFERS
 
-    setup(ep)
+    setup(ep, etp=etp)
     configure()
     if fp8 is not None:
         configure(fp8_dispatch=fp8)
     if backend is not None:
         configure(backend=backend)
-    config = moe_config(dispatcher, moe_shared_expert_overlap=shared_overlap)
-    layer = build_moe_layer(config)
+    config = moe_config(dispatcher, moe_shared_expert_overlap=shared_overlap, **config_overrides)
+    layer = build_moe_layer(config, experts)
     load_weights(layer, global_weights(config))
     rank = dist.get_rank()
     x = global_inputs(seed, (SEQ, BATCH, HIDDEN))[rank].to(device()).requires_grad_(True)
@@ -259,6 +331,7 @@ def moe_layer_step(
         "grad_x": x.grad.float().cpu(),
         "grad_router": layer.router.weight.grad.float().cpu(),
         "dispatcher": type(layer.token_dispatcher).__name__,
+        "experts": type(layer.experts).__name__,
         "buffer_backend": next(iter(_BUFFERS.values())).backend_name if _BUFFERS else None,
     }
     result.update(_expert_grads(layer, config))
@@ -381,6 +454,146 @@ def dispatcher_step(
     }
 
 
+def _run_sharded_experts(tokens, tokens_per_expert, permuted_probs, weights, local_experts):
+    """:func:`_run_experts` under expert tensor parallelism: expert-TP rank t holds input rows
+    t of T of each ``W_e`` and returns its partial product; the T partials sum to the full one."""
+    tp, t = _etp_size(), _etp_rank()
+    part = HIDDEN // tp
+    sliced = tokens[:, t * part : (t + 1) * part]
+    shards = weights[:, t * part : (t + 1) * part]
+    return _run_experts(sliced, tokens_per_expert, permuted_probs, shards, local_experts)
+
+
+@_session
+def feature_dispatch_step(
+    ep: int,
+    dispatcher: str,
+    seed: int = 41,
+    *,
+    etp: int = 1,
+    capacity_factor: float | None = None,
+    pad_to_capacity: bool = False,
+    pad_for_quantization: bool = False,
+    tokens_per_rank: list[int] | None = None,
+):
+    """:func:`dispatcher_step` for the options megatron-core's flex dispatcher accepts: expert
+    tensor parallelism ``etp`` (stand-in experts split over expert-TP), capacity dropping (and
+    padding) applied by megatron-core's own router function, padding for quantised GEMMs, and
+    uneven token counts per rank (``tokens_per_rank``).
+
+    Returns ``{"out", "grad_x", "grad_probs", "real_routes"}`` (``real_routes``: the routes with a
+    probability > 0, i.e. not the router's padding) and, for the dispatchers,
+    ``"tokens_per_expert"``, ``"real_tokens"`` (received rows per local expert before padding:
+    probability > 0) and ``"nvl_bytes"`` (every rank's Buffer size, all-gathered; deepep only)."""
+    from megatron.core.transformer.moe.moe_utils import apply_router_token_dropping, get_default_pg_collection
+    from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispatcher
+
+    from deepep_megatron.megatron import DeepEPTokenDispatcher, configure
+    from deepep_megatron.megatron.dispatcher import _BUFFERS
+    from deepep_megatron.megatron.options import DeepEPOptions
+
+    setup(ep, etp=etp)
+    configure()
+    rank = dist.get_rank()
+    counts = tokens_per_rank or [SEQ * BATCH] * dist.get_world_size()
+    num_tokens = counts[rank]
+    routing_map, probs = _routing(seed, max(counts))
+    routing_map, probs = routing_map[:num_tokens], probs[:num_tokens]
+    if capacity_factor is not None:
+        probs, routing_map = apply_router_token_dropping(
+            probs, routing_map, TOPK, capacity_factor, pad_to_capacity=pad_to_capacity
+        )
+    routing_map, probs = routing_map.to(device()), probs.to(device()).requires_grad_(True)
+    x = global_inputs(seed + 1, (max(counts), 1, HIDDEN))[rank, :num_tokens].to(device()).requires_grad_(True)
+    dy = global_inputs(seed + 2, (max(counts), 1, HIDDEN))[rank, :num_tokens].to(device())
+    weights = _expert_weights(seed + 3)
+    result = {"real_routes": (probs > 0).cpu()}
+
+    if dispatcher == "reference":
+        contributions = torch.einsum(
+            "th,ehk->tek", x.reshape(num_tokens, HIDDEN).float(), weights.to(x.device)
+        )
+        out = (contributions * (probs * routing_map).unsqueeze(-1)).sum(1).view(num_tokens, 1, HIDDEN)
+    else:
+        overrides = {}
+        if capacity_factor is not None:
+            overrides.update(
+                moe_expert_capacity_factor=capacity_factor, moe_pad_expert_input_to_capacity=pad_to_capacity
+            )
+        config = moe_config(dispatcher, moe_shared_expert_intermediate_size=None, **overrides)
+        if pad_for_quantization:
+            # TransformerConfig only accepts fp8 with Transformer Engine installed; the dispatchers
+            # read just the recipe's alignment (16 rows for FP8).
+            config.fp8, config.moe_router_padding_for_quantization = "e4m3", True
+        num_local = NUM_EXPERTS // ep
+        local = list(range(_ep_rank() * num_local, (_ep_rank() + 1) * num_local))
+        pgs = get_default_pg_collection()
+        if dispatcher == "alltoall":
+            disp = MoEAlltoAllTokenDispatcher(num_local, local, config=config, pg_collection=pgs)
+        else:
+            disp = DeepEPTokenDispatcher(
+                num_local, local, config=config, pg_collection=pgs, options=DeepEPOptions(fp8_dispatch=False)
+            )
+        hidden, p = disp.dispatch_preprocess(x, routing_map, probs)
+        hidden, p = disp.token_dispatch(hidden, p)
+        tokens, tokens_per_expert, permuted_probs = disp.dispatch_postprocess(hidden, p)
+        expert_out = _run_sharded_experts(tokens, tokens_per_expert, permuted_probs, weights, local)
+        out = disp.combine_postprocess(disp.token_combine(disp.combine_preprocess(expert_out)))
+        real = [int((chunk > 0).sum()) for chunk in torch.split(permuted_probs, tokens_per_expert.tolist())]
+        result.update(tokens_per_expert=tokens_per_expert.cpu(), real_tokens=torch.tensor(real))
+        if dispatcher == "deepep":
+            sizes = [None] * dist.get_world_size()
+            dist.all_gather_object(sizes, next(iter(_BUFFERS.values())).num_nvl_bytes)
+            result["nvl_bytes"] = sizes
+    out.backward(dy.to(out.dtype))
+    result.update(
+        out=out.detach().float().cpu(), grad_x=x.grad.float().cpu(), grad_probs=probs.grad.float().cpu()
+    )
+    return result
+
+
+@_session
+def buffer_sizes_over_calls(ep: int, tokens_per_call: list[list[int]]):
+    """Ask ``get_buffer`` for the EP group's Buffer once per entry of ``tokens_per_call`` (rank r
+    with ``tokens_per_call[i][r]`` tokens). Returns, per call, every rank's Buffer size
+    (all-gathered) and whether this rank built a new Buffer at that call."""
+    from megatron.core import parallel_state as ps
+
+    from deepep_megatron.megatron.dispatcher import get_buffer
+    from deepep_megatron.megatron.options import DeepEPOptions
+
+    setup(ep)
+    group = ps.get_expert_model_parallel_group()
+    rank = dist.get_rank(group)
+    sizes, rebuilt, previous = [], [], None
+    for counts in tokens_per_call:
+        buffer = get_buffer(group, HIDDEN, counts[rank], DeepEPOptions(backend="portable"))
+        everyone = [None] * dist.get_world_size(group)
+        dist.all_gather_object(everyone, buffer.num_nvl_bytes, group=group)
+        sizes.append(everyone)
+        rebuilt.append(buffer is not previous)
+        previous = buffer
+    return {"sizes": sizes, "rebuilt": rebuilt}
+
+
+@_session
+def dispatcher_build_error(ep: int, etp: int = 1, **config_overrides) -> str:
+    """Build a DeepEPTokenDispatcher; returns the error message ("" if it builds)."""
+    from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
+
+    from deepep_megatron.megatron import DeepEPTokenDispatcher
+
+    setup(ep, etp=etp)
+    config = moe_config("deepep", moe_shared_expert_intermediate_size=None, **config_overrides)
+    num_local = NUM_EXPERTS // ep
+    local = list(range(_ep_rank() * num_local, (_ep_rank() + 1) * num_local))
+    try:
+        DeepEPTokenDispatcher(num_local, local, config=config, pg_collection=get_default_pg_collection())
+    except (ValueError, RuntimeError, NotImplementedError) as error:
+        return str(error)
+    return ""
+
+
 def _ep_rank() -> int:
     from megatron.core import parallel_state as ps
 
@@ -423,6 +636,72 @@ def fp8_dispatch_roundtrip(ep: int, seed: int = 31):
     expected = per_token_cast_back(*per_token_cast_to_fp8(bf16)).float() if bf16.numel() else received[True]
     bound = fp8_roundtrip_error_bound(bf16).float() if bf16.numel() else received[True]
     return {"fp8": received[True], "bf16": received[False], "expected": expected, "bound": bound}
+
+
+@_session
+def grouped_linear_config_errors():
+    """Build :class:`~deepep_megatron.megatron.grouped_experts.TorchGroupedLinear` with bad
+    settings; returns ``{case: error message}`` (a case that does not raise maps to "")."""
+    from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
+
+    from deepep_megatron.megatron.grouped_experts import TorchGroupedLinear
+
+    setup(1)
+    pgs = get_default_pg_collection()
+    config = moe_config()
+
+    def build(in_size=HIDDEN, out_size=MOE_FFN, bias=False, cfg=config):
+        return TorchGroupedLinear(
+            2,
+            in_size,
+            out_size,
+            config=cfg,
+            init_method=torch.nn.init.zeros_,
+            bias=bias,
+            skip_bias_add=False,
+            is_expert=True,
+            pg_collection=pgs,
+        )
+
+    cases = {
+        "bias": lambda: build(bias=True),
+        "fp32": lambda: build(cfg=moe_config(params_dtype=torch.float32, bf16=False)),
+        "unaligned": lambda: build(out_size=MOE_FFN + 4),
+        "fp32_input": lambda: build()(torch.zeros(3, HIDDEN), [1, 2]),
+    }
+    errors = {}
+    for name, case in cases.items():
+        try:
+            case()
+            errors[name] = ""
+        except (ValueError, TypeError, NotImplementedError) as error:
+            errors[name] = str(error)
+    return errors
+
+
+@_session
+def experts_sharded_state_dict(ep: int):
+    """``{kind: sorted (key, global shape, global offset) of the experts' checkpoint entries}``
+    for SequentialMLP and the grouped experts of the same MoELayer config."""
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+
+    setup(ep)
+    config = moe_config("deepep", moe_shared_expert_intermediate_size=None)
+    result = {}
+    for kind in ("sequential", "grouped"):
+        layer = build_moe_layer(config, kind)
+        entries = []
+        for value in layer.experts.sharded_state_dict(prefix="mlp.").values():
+            if isinstance(value, ShardedTensorFactory):
+                value = value.build()
+                value = value if isinstance(value, list) else [value]
+            else:
+                value = [value]
+            for t in value:
+                if isinstance(t, ShardedTensor):
+                    entries.append((t.key, tuple(t.global_shape), tuple(t.global_offset)))
+        result[kind] = sorted(entries)
+    return result
 
 
 def flex_binding_states():
@@ -472,8 +751,13 @@ def parse_megatron_args(argv: list[str]):
 
 
 __all__ = [
+    "buffer_sizes_over_calls",
     "build_moe_layer",
+    "dispatcher_build_error",
     "dispatcher_step",
+    "experts_sharded_state_dict",
+    "feature_dispatch_step",
+    "grouped_linear_config_errors",
     "flex_binding_states",
     "fp8_dispatch_roundtrip",
     "global_weights",

@@ -66,6 +66,14 @@ def example_args(parser):
     group.add_argument("--verbose-args", action="store_true", help="print Megatron's argument table")
     group.add_argument("--cpu", action="store_true", help="train on the CPU even if CUDA is available")
     group.add_argument(
+        "--experts",
+        choices=["auto", "sequential", "grouped"],
+        default="auto",
+        help="routed experts: one grouped GEMM per layer (TEGroupedMLP on Transformer Engine's grouped "
+        "linear, else on torch.nn.functional.grouped_mm) or megatron-core's SequentialMLP; "
+        "auto: grouped on a GPU, sequential on the CPU",
+    )
+    group.add_argument(
         "--compact-loop",
         action="store_true",
         help="on the GPU too, run the compact micro-batch loop instead of megatron-core's schedules",
@@ -138,6 +146,13 @@ class MarkovTokens:
 # ------------------------------------------------------------------ model
 
 
+def experts_kind(args, device) -> str:
+    """``"grouped"`` or ``"sequential"`` (``--experts``; auto: grouped on a GPU)."""
+    if args.experts != "auto":
+        return args.experts
+    return "grouped" if device.type == "cuda" else "sequential"
+
+
 def build_model(args, config, device):
     import torch
     from megatron.core.extensions.transformer_engine import HAVE_TE
@@ -145,11 +160,16 @@ def build_model(args, config, device):
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec, get_gpt_mtp_block_spec
     from sdpa_attention import use_sdpa_core_attention
 
+    from deepep_megatron.megatron.grouped_experts import use_grouped_experts
+
     use_te = bool(HAVE_TE) and device.type == "cuda"
     spec = get_gpt_decoder_block_spec(config, use_transformer_engine=use_te, normalization=args.normalization)
     if not use_te:
         # megatron-core's local spec cannot build MLA (DotProductAttention lacks k/v_channels).
         use_sdpa_core_attention(spec)
+    if experts_kind(args, device) == "grouped":
+        # TE's grouped linear where Transformer Engine serves, torch's grouped_mm otherwise.
+        use_grouped_experts(spec, backend="te" if use_te else "torch")
     mtp_spec = None
     if getattr(args, "mtp_num_layers", None):
         mtp_spec = get_gpt_mtp_block_spec(config, spec.layer_specs[-1], use_transformer_engine=use_te)
@@ -434,7 +454,7 @@ def main(argv: list[str] | None = None) -> dict:
             f"DP {dp_size}, {num_micro} micro-batch(es) of {args.micro_batch_size}x{args.seq_length} | "
             f"device {device.type}, dispatcher {dispatcher} "
             f"(Buffer backend {buffer_backend}, FP8 dispatch {fp8}), "
-            f"experts {'TE' if use_te else 'SequentialMLP'}",
+            f"experts {experts_kind(args, device)} ({'TE' if use_te else 'torch'})",
             flush=True,
         )
         print(
