@@ -105,7 +105,7 @@ def test_intranode_argument_classes_take_the_fields_the_adapter_sets():
         ),
     }
     for cls, values in fields.items():
-        args = intranode._args(cls, **values)
+        args = extension.fill_args(cls, **values)
         for name, value in values.items():
             got = getattr(args, name)
             assert torch.equal(got, value) if isinstance(value, torch.Tensor) else got == value, name
@@ -211,7 +211,7 @@ def test_internode_argument_classes_take_the_fields_the_adapter_sets():
         ),
     }
     for cls, values in fields.items():
-        args = internode._args(cls, **values)
+        args = extension.fill_args(cls, **values)
         for name, value in values.items():
             got = getattr(args, name)
             assert torch.equal(got, value) if isinstance(value, torch.Tensor) else got == value, name

@@ -41,3 +41,12 @@ def extension_available() -> bool:
 def has_nvshmem() -> bool:
     """Whether the extension was built with NVSHMEM (the low-latency and internode families)."""
     return module is not None and bool(getattr(module, "HAS_NVSHMEM", False))
+
+
+def fill_args(cls, **fields):
+    """An argument struct of a compiled module (`_C.FreshDispatchArgs`, ...) with its fields set by
+    name (the structs are plain pybind11 classes with a default constructor)."""
+    args = cls()
+    for name, value in fields.items():
+        setattr(args, name, value)
+    return args

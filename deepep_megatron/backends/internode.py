@@ -31,6 +31,7 @@ import torch.distributed as dist
 
 import deepep_megatron.limits as limits
 from deepep_megatron.backends import nvshmem
+from deepep_megatron.backends.extension import fill_args
 from deepep_megatron.backends.internode_routes import Routes, local_counts, plan_dispatch, tokens_in_node
 from deepep_megatron.backends.portable import dispatch_layout
 from deepep_megatron.backends.protocols import (
@@ -153,19 +154,11 @@ class InternodeBackend:
         dist.barrier(group=group)  # every rank's signals are zeroed before anyone signals
 
     def destroy(self, collective: bool) -> None:
-        """As the low-latency family: `collective` waits for every rank, releases the block and
-        finalizes NVSHMEM when no buffer of the process uses it; otherwise the block goes back to
-        the pool."""
+        """See `nvshmem.release_runtime`."""
         if self.runtime is None:
             return
-        if collective:
-            torch.cuda.synchronize()
-            dist.barrier(group=self.group)
-        self.runtime.destroy()
-        self.runtime = None
-        nvshmem.release(self.block)
-        if collective:
-            nvshmem.shutdown(self.group)
+        runtime, self.runtime = self.runtime, None
+        nvshmem.release_runtime(runtime, self.block, self.group, collective)
 
     def _live_runtime(self):
         """The runtime, after raising TimeoutError if an earlier call of this buffer timed out (so a
@@ -210,7 +203,7 @@ class InternodeBackend:
         device_matrix = plan.count_matrix.to(torch.int32).to(x.device)
         experts_per_rank = request.num_tokens_per_expert.numel() // self.num_ranks
         outputs = runtime.dispatch(
-            _args(
+            fill_args(
                 nvshmem.module.InternodeDispatchArgs,
                 x=x,
                 scales=request.scales,
@@ -258,7 +251,7 @@ class InternodeBackend:
         handle = request.handle
         routes: Routes = handle.backend_state
         outputs = runtime.dispatch(
-            _args(
+            fill_args(
                 nvshmem.module.InternodeDispatchArgs,
                 x=request.x,
                 scales=request.scales,
@@ -278,7 +271,7 @@ class InternodeBackend:
         routes: Routes = handle.backend_state
         biases = request.biases
         outputs = runtime.combine(
-            _args(
+            fill_args(
                 nvshmem.module.InternodeCombineArgs,
                 x=request.x,
                 topk_weights=request.topk_weights,
@@ -296,11 +289,3 @@ class InternodeBackend:
             )
         )
         return CombineResult(outputs.combined_x, outputs.combined_weights)
-
-
-def _args(cls, **fields):
-    """An argument struct of the extension with its fields set by name."""
-    args = cls()
-    for name, value in fields.items():
-        setattr(args, name, value)
-    return args

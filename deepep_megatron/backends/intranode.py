@@ -15,6 +15,7 @@ import torch.distributed as dist
 
 import deepep_megatron.limits as limits
 from deepep_megatron.backends import extension
+from deepep_megatron.backends.extension import fill_args
 from deepep_megatron.backends.protocols import (
     BufferSizes,
     CombineRequest,
@@ -96,7 +97,7 @@ class IntranodeBackend:
         if request.is_cached:
             return self._dispatch_cached(request)
         outputs = self.runtime.dispatch_fresh(
-            _args(
+            fill_args(
                 extension.module.FreshDispatchArgs,
                 x=request.x,
                 scales=request.scales,
@@ -130,7 +131,7 @@ class IntranodeBackend:
     def _dispatch_cached(self, request: DispatchRequest) -> DispatchResult:
         handle = request.handle
         outputs = self.runtime.dispatch_cached(
-            _args(
+            fill_args(
                 extension.module.CachedDispatchArgs,
                 x=request.x,
                 scales=request.scales,
@@ -162,7 +163,7 @@ class IntranodeBackend:
         biases = request.biases
         handle = request.handle
         outputs = self.runtime.combine(
-            _args(
+            fill_args(
                 extension.module.CombineArgs,
                 x=request.x,
                 topk_weights=request.topk_weights,
@@ -175,11 +176,3 @@ class IntranodeBackend:
             )
         )
         return CombineResult(outputs.combined_x, outputs.combined_weights)
-
-
-def _args(cls, **fields):
-    """An argument struct of the extension (`_C.FreshDispatchArgs`, ...) with its fields set by name."""
-    args = cls()
-    for name, value in fields.items():
-        setattr(args, name, value)
-    return args

@@ -105,19 +105,11 @@ class LowLatencyKernelBackend:
         dist.barrier(group=group)  # every rank's signals are zeroed before anyone sends
 
     def destroy(self, collective: bool) -> None:
-        """`collective` (Buffer.destroy): wait for every rank, then release the block and, when no
-        buffer of this process uses NVSHMEM any more, finalize it. Otherwise (garbage collection)
-        the block only goes back to the pool."""
+        """See `nvshmem.release_runtime`."""
         if self.runtime is None:
             return
-        if collective:
-            torch.cuda.synchronize()
-            dist.barrier(group=self.group)
-        self.runtime.destroy()
-        self.runtime = None
-        nvshmem.release(self.block)
-        if collective:
-            nvshmem.shutdown(self.group)
+        runtime, self.runtime = self.runtime, None
+        nvshmem.release_runtime(runtime, self.block, self.group, collective)
 
     def _live_runtime(self):
         if self.runtime is None:

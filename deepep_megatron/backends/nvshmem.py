@@ -174,3 +174,18 @@ def shutdown(group: dist.ProcessGroup) -> bool:
     _job.members = None
     _job.probed = False
     return True
+
+
+def release_runtime(runtime, block: SymmetricBlock, group: dist.ProcessGroup, collective: bool) -> None:
+    """End an NVSHMEM family's runtime and give its symmetric block back.
+
+    `collective` (Buffer.destroy): wait for every rank first, and finalize NVSHMEM when no buffer
+    of this process uses it any more. Otherwise (garbage collection) the block only goes back to
+    this process's pool: freeing symmetric memory is collective."""
+    if collective:
+        torch.cuda.synchronize()
+        dist.barrier(group=group)
+    runtime.destroy()
+    release(block)
+    if collective:
+        shutdown(group)
