@@ -3,6 +3,7 @@
 # GPU and no package registry, run from the repository root:
 #
 #   scripts/device_megatron_check.sh [tests|proxy|all]
+#   scripts/device_megatron_check.sh table [RUN,RUN,...]   # scripts/megatron_step_table.py
 #
 # 1. Installs megatron-core, wandb and their missing dependencies from the wheels in .whl/
 #    (fetched beforehand with ../shared/device/fetch-wheels.sh) into /tmp/site.
@@ -92,5 +93,13 @@ compare("ep1_deepep", "ep1_alltoall")
 compare("ep4_fp8", "ep4_bf16")
 compare("ep4_bf16", "ep1_deepep")
 EOF
+fi
+
+if [[ $what == table ]]; then
+  # The step-time table (issue #11): a subset of runs per call (10 minutes per command), all
+  # results collected under $OUT/step_table; `plan` lists the run names.
+  python3 scripts/megatron_step_table.py run --out "$OUT/step_table" ${2:+--runs "$2"} \
+    --iters "${PROXY_ITERS:-30}" --repeats "${REPEATS:-2}" || status=1
+  python3 scripts/megatron_step_table.py table --out "$OUT/step_table" | tee "$OUT/step_table.md"
 fi
 exit $status
