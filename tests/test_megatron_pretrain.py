@@ -72,8 +72,11 @@ def launch(
     return [json.loads(line) for line in metrics.read_text().splitlines()]
 
 
-# Two 4-rank launches: about a minute on a 2-core machine, several where CI is slower.
-@pytest.mark.timeout(1200)
+# Two 4-rank launches per test: about a minute on a 2-core machine, several where CI is slower.
+TWO_LAUNCHES_TIMEOUT_S = 1200
+
+
+@pytest.mark.timeout(TWO_LAUNCHES_TIMEOUT_S)
 def test_tiny_pretrain_matches_alltoall(tmp_path):
     iters = ["--config", "tiny", "--train-iters", "5"]
     deepep = launch(
@@ -102,6 +105,7 @@ def test_tiny_pretrain_matches_alltoall(tmp_path):
     assert runs and any(run.glob("*.wandb") for run in runs)
 
 
+@pytest.mark.timeout(TWO_LAUNCHES_TIMEOUT_S)
 def test_tiny_pretrain_grouped_experts(tmp_path):
     """--experts grouped (TEGroupedMLP on torch's grouped_mm) trains the tiny preset, with the
     same losses under the deepep and the alltoall dispatchers (same initial weights: the same
