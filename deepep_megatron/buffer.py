@@ -18,6 +18,7 @@ import torch.distributed as dist
 
 import deepep_megatron.limits as limits
 import deepep_megatron.validation as check
+from deepep_megatron.alignment import align_up
 from deepep_megatron.backends import low_latency_layout
 from deepep_megatron.backends.protocols import (
     BufferSizes,
@@ -29,7 +30,7 @@ from deepep_megatron.backends.protocols import (
     Topology,
 )
 from deepep_megatron.backends.selection import BackendRouter
-from deepep_megatron.config import Config, align_up, max_tokens_per_rank
+from deepep_megatron.config import Config, max_tokens_per_rank
 from deepep_megatron.event import EventOverlap
 from deepep_megatron.handle import DispatchHandle, LowLatencyHandle
 

@@ -9,15 +9,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from deepep_megatron.alignment import align_up
 from deepep_megatron.limits import FP8_BLOCK_SIZE, MAX_RANKS_PER_NODE, MAX_TOPK, REGION_ALIGNMENT
 
 # The token capacity per rank that size hints assume unless told otherwise.
 DEFAULT_MAX_TOKENS_PER_RANK = 4096
-
-
-def align_up(value: int, alignment: int) -> int:
-    """`value` rounded up to a multiple of `alignment`."""
-    return (value + alignment - 1) // alignment * alignment
 
 
 def dispatch_row_bytes(hidden_bytes: int, num_scales: int = 0, num_topk: int = MAX_TOPK) -> int:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from deepep_megatron.config import align_up
+from deepep_megatron.alignment import align_up
 
 
 @dataclass

@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from deepep_megatron.alignment import align_up
 from deepep_megatron.backends.all_to_all import RowExchange
 from deepep_megatron.backends.protocols import (
     CombineRequest,
@@ -24,7 +25,6 @@ from deepep_megatron.backends.protocols import (
     DispatchResult,
     LayoutRequest,
 )
-from deepep_megatron.config import align_up
 from deepep_megatron.handle import DispatchHandle
 
 
