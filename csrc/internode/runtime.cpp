@@ -75,9 +75,16 @@ Runtime::~Runtime() {
 void Runtime::destroy() {
     if (destroyed_) return;
     destroyed_ = true;
+    block_ = nullptr;  // the caller's (NVSHMEM allocation)
+    if (failed_ || (record_.host() != nullptr && record_.host()->written)) {
+        // After a timeout, blocks of the failed operation that were not yet resident (and kernels
+        // queued behind it) may still write the record: keep it until the process ends, as the
+        // other families do (see intranode::Runtime::destroy).
+        record_.abandon();
+        return;
+    }
     c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device_));
     record_.reset();
-    block_ = nullptr;  // the caller's (NVSHMEM allocation)
 }
 
 int64_t Runtime::required_bytes(int64_t max_tokens, int64_t hidden, int64_t num_topk, int64_t num_ranks,
@@ -149,8 +156,9 @@ DispatchOutputs Runtime::dispatch(const DispatchArgs& args) {
     check_int_table(args.send_slot, "send_slot", num_tokens, num_ranks_);
     check_int_table(args.node_slot, "node_slot", num_tokens, num_nodes_);
     check_int_table(args.count_matrix, "count_matrix", num_ranks_, num_ranks_);
-    require(args.own_node_tokens.defined() && args.own_node_tokens.scalar_type() == at::kInt,
-            "own_node_tokens must be int32");
+    require(args.own_node_tokens.defined() && args.own_node_tokens.is_cuda() &&
+                args.own_node_tokens.scalar_type() == at::kInt,
+            "own_node_tokens must be a CUDA int32 tensor");
     require(args.max_tokens >= std::max<int64_t>(num_tokens, 1), "max_tokens must cover every rank's tokens");
     require(args.num_recv_rows >= args.num_recv_tokens && args.num_recv_tokens >= 0 &&
                 args.max_recv_rows >= args.num_recv_rows,
@@ -203,8 +211,10 @@ DispatchOutputs Runtime::dispatch(const DispatchArgs& args) {
     const int my_node = rank_ / ranks_per_node_;
     require(p.records_from_node[my_node] == own_node_tokens.numel(),
             "records_from_node of my own node must count own_node_tokens");
-    for (int node = 0; node < num_nodes_; ++node) {
+    // Every check before the running totals move: a refusal must leave them as the peers see them.
+    for (int node = 0; node < num_nodes_; ++node)
         require(p.records_from_node[node] <= args.max_tokens, "records_from_node exceeds max_tokens");
+    for (int node = 0; node < num_nodes_; ++node) {
         if (node != my_node)
             dispatch_arrived_[node] += static_cast<unsigned long long>(p.records_from_node[node]);
         p.arrivals_total[node] = dispatch_arrived_[node];
@@ -253,13 +263,33 @@ CombineOutputs Runtime::combine(const CombineArgs& args) {
                 args.x.size(0) <= args.max_recv_rows,
             "bad received row count");
     check_int_table(args.node_slot, "node_slot", num_tokens, num_nodes_);
-    require(args.forward_rows.defined() &&
+    require(args.forward_rows.defined() && args.forward_rows.is_cuda() &&
+                args.forward_rows.scalar_type() == at::kInt &&
                 args.forward_rows.numel() == num_nodes_ * args.max_tokens * ranks_per_node_,
             "forward_rows does not match the dispatch");
     require(args.num_sms >= 1 && args.num_sms <= kMaxBlocks,
             "num_sms must be in [1, " + std::to_string(kMaxBlocks) + "]");
+    if (args.topk_weights) {
+        check_tensor(*args.topk_weights, "topk_weights", 2);
+        require(
+            args.topk_weights->scalar_type() == at::kFloat && args.topk_weights->size(0) == args.x.size(0),
+            "topk_weights must be float32 with one row per row of x");
+    }
+    for (const auto* bias : {&args.bias0, &args.bias1}) {
+        if (!*bias) continue;
+        check_tensor(**bias, "bias", 2);
+        require((*bias)->scalar_type() == at::kBFloat16 && (*bias)->size(0) == num_tokens &&
+                    (*bias)->size(1) == hidden,
+                "a bias must be [num_tokens, hidden] bf16");
+    }
     const int num_topk = args.topk_weights ? static_cast<int>(args.topk_weights->size(1)) : 0;
     require(num_topk <= MAX_TOPK, "top-k is at most " + std::to_string(MAX_TOPK));
+    CombineParams p{};
+    copy_counts(args.records_from_node, num_nodes_, p.records_from_node, "records_from_node");
+    copy_counts(args.tokens_to_node, num_nodes_, p.tokens_to_node, "tokens_to_node");
+    for (int node = 0; node < num_nodes_; ++node)
+        require(p.records_from_node[node] <= args.max_tokens && p.tokens_to_node[node] <= num_tokens,
+                "per-node counts exceed the tokens");
     const CombineAreas areas =
         combine_areas(static_cast<int>(args.max_tokens), static_cast<int>(args.max_recv_rows),
                       static_cast<int>(hidden), num_topk, num_nodes_);
@@ -291,7 +321,6 @@ CombineOutputs Runtime::combine(const CombineArgs& args) {
     if (args.topk_weights)
         out.combined_weights = at::empty({num_tokens, num_topk}, x.options().dtype(at::kFloat));
 
-    CombineParams p{};
     p.forward_rows = forward_rows.data_ptr<int>();
     p.node_slot = node_slot.data_ptr<int>();
     p.bias0 = bias0 ? static_cast<const uint16_t*>(bias0->data_ptr()) : nullptr;
@@ -302,8 +331,6 @@ CombineOutputs Runtime::combine(const CombineArgs& args) {
     p.hidden = static_cast<int>(hidden);
     p.num_topk = num_topk;
     p.max_tokens = static_cast<int>(args.max_tokens);
-    copy_counts(args.records_from_node, num_nodes_, p.records_from_node, "records_from_node");
-    copy_counts(args.tokens_to_node, num_nodes_, p.tokens_to_node, "tokens_to_node");
     const int my_node = rank_ / ranks_per_node_;
     for (int node = 0; node < num_nodes_; ++node) {
         if (node != my_node)
