@@ -236,3 +236,32 @@ def test_config_rdma_hint_is_the_internode_hint_for_groups_larger_than_a_node():
     assert config.get_rdma_buffer_size_hint(7168 * 2, 16) == want
     if internode._kernels() is not None:
         assert want > 0
+
+
+class _FakeRuntime:
+    """Stands in for an NVSHMEM family's runtime: `check_health` raises once a wait timed out."""
+
+    def __init__(self, timed_out: bool):
+        self.timed_out, self.destroyed = timed_out, False
+
+    def check_health(self):
+        if self.timed_out:
+            raise TimeoutError("rank 0 timed out")
+
+    def destroy(self):
+        self.destroyed = True
+
+
+@pytest.mark.parametrize("timed_out", [False, True])
+def test_a_failed_runtime_keeps_its_symmetric_block_out_of_the_pool(timed_out):
+    """After a timeout, peers may still write the block: garbage collection of the Buffer must
+    not hand it to the next one. A healthy runtime's block goes back to the pool."""
+    from deepep_megatron.backends import nvshmem
+
+    runtime, block = (
+        _FakeRuntime(timed_out),
+        nvshmem.SymmetricBlock(block_id=0, address=1 << 20, num_bytes=64),
+    )
+    nvshmem.release_runtime(runtime, block, group=None, collective=False)
+    assert runtime.destroyed
+    assert block.in_use is timed_out

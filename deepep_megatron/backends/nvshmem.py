@@ -185,7 +185,21 @@ def release_runtime(runtime, block: SymmetricBlock, group: dist.ProcessGroup, co
     if collective:
         torch.cuda.synchronize()
         dist.barrier(group=group)
+    failed = _has_failed(runtime)
     runtime.destroy()
-    release(block)
+    if not failed:
+        release(block)
+    # else: a peer that gave up later may still put into or signal the block, and a new Buffer
+    # that reused it would count those stray arrivals: it stays in use, so NVSHMEM (whose
+    # shutdown every rank still joins) is not finalized under it either.
     if collective:
         shutdown(group)
+
+
+def _has_failed(runtime) -> bool:
+    """Whether a wait of this runtime timed out (its `check_health` raises TimeoutError)."""
+    try:
+        runtime.check_health()
+    except TimeoutError:
+        return True
+    return False
