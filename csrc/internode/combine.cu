@@ -125,11 +125,13 @@ __device__ void sum_rows(const CombineParams& p, const NodeInputs& inputs, const
     }
 }
 
+// Returns whether this warp issued a put (warp-uniform).
 template <typename Vec>
-__device__ void send_partials(const CombineParams& p, const NodeInputs& inputs) {
+__device__ bool send_partials(const CombineParams& p, const NodeInputs& inputs) {
     const Group& g = p.group;
     const int lane = lane_id();
     const size_t partial_bytes = p.areas.partial.bytes;
+    bool put_issued = false;
     for_each_token_of_warp(inputs.item_start[g.num_nodes], [&](int item) {
         const NodeItem at = node_item(inputs.item_start, g.num_nodes, item);
         const int lane_row = lane < g.ranks_per_node
@@ -155,7 +157,9 @@ __device__ void send_partials(const CombineParams& p, const NodeInputs& inputs) 
         nvshmemx_putmem_signal_nbi_warp(g.base + landing, partial, partial_bytes,
                                         arrival_counter(g, &SignalArea::combine_arrived, g.node), 1,
                                         NVSHMEM_SIGNAL_ADD, pe_of(g, at.node));
+        put_issued = true;
     });
+    return put_issued;
 }
 
 template <typename Vec>
@@ -165,10 +169,10 @@ __global__ void __launch_bounds__(kThreads, 1) combine_pull_kernel(CombineParams
     announce_combine(p);
     if (block_stopped_at_start(g.wait, kPhaseCombineStart)) return;
     if (!learn_node_inputs(p, inputs)) return;
-    send_partials<Vec>(p, inputs);
+    const bool put_issued = send_partials<Vec>(p, inputs);
     __syncwarp();
-    if (lane_id() == 0) nvshmem_quiet();  // partial staging may be rewritten by the next call
-    fence_system();                       // this block's reads are done and its partials visible
+    if (put_issued && lane_id() == 0) nvshmem_quiet();  // partial staging may be rewritten next call
+    fence_system();  // this block's reads are done and its partials visible
     if (last_block(&my_signals(g)->tickets[kTicketPull]))
         meet_node(g, &SignalArea::pull_done, p.operation, kPhasePullDone);
 }

@@ -102,11 +102,13 @@ __device__ void write_record(const DispatchParams& p, int token, uint8_t* record
     }
 }
 
+// Returns whether this warp issued a put (warp-uniform).
 template <typename Vec>
-__device__ void send_records(const DispatchParams& p, const int* first_row) {
+__device__ bool send_records(const DispatchParams& p, const int* first_row) {
     const Group& g = p.group;
     const int lane = lane_id();
     const size_t record_bytes = p.areas.record.bytes;
+    bool put_issued = false;
     for_each_token_of_warp(p.num_tokens, [&](int token) {
         const int lane_slot =
             lane < g.num_nodes ? p.node_slot[static_cast<int64_t>(token) * g.num_nodes + lane] : -1;
@@ -123,8 +125,10 @@ __device__ void send_records(const DispatchParams& p, const int* first_row) {
             nvshmemx_putmem_signal_nbi_warp(g.base + landing, record, record_bytes,
                                             arrival_counter(g, &SignalArea::dispatch_arrived, g.node), 1,
                                             NVSHMEM_SIGNAL_ADD, pe_of(g, node));
+            put_issued = true;
         }
     });
+    return put_issued;
 }
 
 template <typename Vec>
@@ -144,9 +148,11 @@ __global__ void __launch_bounds__(kThreads, 1) dispatch_send_kernel(DispatchPara
         ready = wait_flag(g, &my_signals(g)->landing_free[node], p.operation, kPhaseLandingCredit,
                           pe_of(g, node));
     if (!__syncthreads_and(ready)) return;
-    send_records<Vec>(p, first_row);
+    const bool put_issued = send_records<Vec>(p, first_row);
     __syncwarp();
-    if (lane_id() == 0) nvshmem_quiet();  // staging may be rewritten by the next call
+    // Staging may be rewritten by the next call. Only warps that put wait (on a network each
+    // quiet is a round trip).
+    if (put_issued && lane_id() == 0) nvshmem_quiet();
 }
 
 // ------------------------------------------------------------------------------------ forward
