@@ -6,6 +6,8 @@ Every backend, the portable one included, enforces them, so a program that runs 
 all.
 """
 
+import os
+
 FP8_BLOCK_SIZE = 128
 """Channels per FP8 scale: one float32 scale per 128 e4m3 values of a row."""
 
@@ -24,3 +26,13 @@ MAX_LOCAL_EXPERTS = 1024
 
 REGION_ALIGNMENT = 256
 """Alignment in bytes of every sub-array of a registered region (16-byte vector stores, TMA)."""
+
+WAIT_TIMEOUT_ENV = "DEEPEP_MEGATRON_TIMEOUT_S"
+DEFAULT_WAIT_TIMEOUT_S = 100.0
+"""Bound in seconds on the device-side waits of one compiled-kernel operation (every family),
+unless `DEEPEP_MEGATRON_TIMEOUT_S` says otherwise."""
+
+
+def wait_timeout_seconds() -> float:
+    """The bound on every device-side wait of an operation, read when a runtime is created."""
+    return float(os.environ.get(WAIT_TIMEOUT_ENV, DEFAULT_WAIT_TIMEOUT_S))

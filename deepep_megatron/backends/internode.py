@@ -47,8 +47,6 @@ from deepep_megatron.backends.protocols import (
 )
 from deepep_megatron.handle import DispatchHandle
 
-TIMEOUT_ENV = "DEEPEP_MEGATRON_TIMEOUT_S"  # bound on every device-side wait (default 100 s)
-
 
 def _kernels():
     """The internode runtime class of `_nvshmem`, or None when the module lacks it."""
@@ -108,10 +106,6 @@ def create(group: dist.ProcessGroup, topology: Topology, sizes: BufferSizes) -> 
     return InternodeBackend(group, topology, sizes.num_rdma_bytes)
 
 
-def timeout_seconds() -> float:
-    return float(os.environ.get(TIMEOUT_ENV, "100"))
-
-
 class InternodeBackend:
     """The internode kernels for one group spanning nodes. Collective: every rank creates it."""
 
@@ -149,7 +143,7 @@ class InternodeBackend:
             self.block.address,
             self.block.num_bytes,
             node_peer_bases,
-            timeout_seconds(),
+            limits.wait_timeout_seconds(),
         )
         dist.barrier(group=group)  # every rank's signals are zeroed before anyone signals
 

@@ -28,7 +28,6 @@ from deepep_megatron.backends.protocols import (
 )
 from deepep_megatron.handle import DispatchHandle
 
-TIMEOUT_ENV = "DEEPEP_MEGATRON_TIMEOUT_S"  # bound on every device-side wait (default 100 s)
 ARENA_ENV = "DEEPEP_MEGATRON_ARENA_BYTES"  # zero-copy arena size (default: 2 * num_nvl_bytes)
 
 
@@ -52,10 +51,6 @@ def create(group: dist.ProcessGroup, topology: Topology, sizes: BufferSizes) -> 
     return IntranodeBackend(group, sizes.num_nvl_bytes, sizes.num_arena_bytes)
 
 
-def timeout_seconds() -> float:
-    return float(os.environ.get(TIMEOUT_ENV, "100"))
-
-
 class IntranodeBackend:
     """The compiled kernels for one intranode group. Collective: every rank creates it together."""
 
@@ -70,7 +65,7 @@ class IntranodeBackend:
         if num_arena_bytes is None:
             num_arena_bytes = int(os.environ.get(ARENA_ENV, str(2 * num_nvl_bytes)))
         self.runtime = extension.module.IntranodeRuntime(
-            self.rank, self.num_ranks, num_nvl_bytes, num_arena_bytes, timeout_seconds()
+            self.rank, self.num_ranks, num_nvl_bytes, num_arena_bytes, limits.wait_timeout_seconds()
         )
         handles: list = [None] * self.num_ranks
         dist.all_gather_object(handles, self.runtime.ipc_handle(), group=group)

@@ -25,6 +25,7 @@ import os
 import torch
 import torch.distributed as dist
 
+import deepep_megatron.limits as limits
 from deepep_megatron.backends import nvshmem
 from deepep_megatron.backends.protocols import (
     BackendUnavailable,
@@ -37,7 +38,6 @@ from deepep_megatron.backends.protocols import (
 )
 from deepep_megatron.handle import LowLatencyHandle
 
-TIMEOUT_ENV = "DEEPEP_MEGATRON_TIMEOUT_S"  # bound on every device-side wait (default 100 s)
 POISON_ENV = "DEEPEP_MEGATRON_POISON_HOOK_OUTPUTS"  # "1": fill hook-mode outputs with NaN until the hook
 
 
@@ -55,10 +55,6 @@ def unavailable_reason(topology: Topology, sizes: BufferSizes) -> str | None:
 
 def create(group: dist.ProcessGroup, topology: Topology, sizes: BufferSizes) -> LowLatencyKernelBackend:
     return LowLatencyKernelBackend(group, topology, sizes.num_rdma_bytes)
-
-
-def timeout_seconds() -> float:
-    return float(os.environ.get(TIMEOUT_ENV, "100"))
 
 
 class _DispatchState:
@@ -97,7 +93,12 @@ class LowLatencyKernelBackend:
         ]
         peer_bases[self.rank] = self.block.address  # this rank's own block, as allocated
         self.runtime = nvshmem.module.LowLatencyRuntime(
-            self.rank, self.num_ranks, self.block.address, self.block.num_bytes, peer_bases, timeout_seconds()
+            self.rank,
+            self.num_ranks,
+            self.block.address,
+            self.block.num_bytes,
+            peer_bases,
+            limits.wait_timeout_seconds(),
         )
         self.num_put_peers = sum(base == 0 for base in peer_bases)
         self.poison_hook_outputs = os.environ.get(POISON_ENV) == "1"
