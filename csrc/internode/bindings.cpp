@@ -2,6 +2,7 @@
 // its calls), part of `_nvshmem`; deepep_megatron/backends/internode.py is their only user.
 #include <torch/extension.h>
 
+#include "common/bind_args.h"
 #include "common/diagnostics.h"
 #include "common/limits.h"
 #include "internode/args.hpp"
@@ -10,23 +11,6 @@
 namespace py = pybind11;
 
 namespace deepep_megatron {
-
-namespace {
-
-// A class with a default constructor and every field readable and writable by name.
-template <typename Args, typename... Fields>
-void bind_args(py::module& m, const char* name, const char* doc, Fields... fields) {
-    py::class_<Args> cls(m, name, doc);
-    cls.def(py::init<>());
-    (cls.def_readwrite(fields.first, fields.second), ...);
-}
-
-template <typename T, typename Member>
-std::pair<const char*, Member T::*> field(const char* name, Member T::* member) {
-    return {name, member};
-}
-
-}  // namespace
 
 void register_internode(py::module& m) {
     using namespace internode;

@@ -4,29 +4,13 @@
 
 #include <torch/extension.h>
 
+#include "common/bind_args.h"
 #include "intranode/args.hpp"
 #include "intranode/runtime.hpp"
 
 namespace py = pybind11;
 
 namespace deepep_megatron::intranode {
-
-namespace {
-
-// A class with a default constructor and every field readable and writable by name.
-template <typename Args, typename... Fields>
-void bind_args(py::module& m, const char* name, const char* doc, Fields... fields) {
-    py::class_<Args> cls(m, name, doc);
-    cls.def(py::init<>());
-    (cls.def_readwrite(fields.first, fields.second), ...);
-}
-
-template <typename T, typename Member>
-std::pair<const char*, Member T::*> field(const char* name, Member T::* member) {
-    return {name, member};
-}
-
-}  // namespace
 
 void bind_intranode(py::module& m) {
     using F = FreshDispatchArgs;
