@@ -1,0 +1,135 @@
+#!/usr/bin/env bash
+# One device call that runs several GPU checks in order, each under its own time limit, within an
+# overall deadline, for a machine with an NVIDIA GPU, run from the repository root:
+#
+#   scripts/device_session.sh STEP [STEP...]
+#
+# Steps (each's log goes to $OUT/logs/STEP.log; a step that would start with less than its own
+# limit left before the deadline is skipped and said so):
+#   build           build _C and _nvshmem unless .device-ext/ holds ones that import; pack them
+#                   into $OUT/device-ext.tar.gz (unpack into .device-ext/ and carry it next time)
+#   intranode       tests/test_gpu_intranode.py (not the soak)
+#   intranode-soak  its 1,000-iteration soak
+#   oversub streams tests/test_gpu_oversubscription.py, tests/test_gpu_streams.py
+#   ll              tests/test_gpu_low_latency.py
+#   internode-small tests/test_gpu_internode.py -k "2x2 or absent or refused"
+#   internode       tests/test_gpu_internode.py, all
+#   fp8-table       the intranode bench at R=2/24, 4/8, 8/16 SMs (BF16, FP8 and combine times)
+#   ll-bench        the low-latency bench, R=8 and R=2, 16 SMs, plain and hook mode
+#   internode-bench R=8 as 2x4 and 4x2 nodes, and R=8 intranode, 16 SMs
+#   megatron        the Megatron GPU tests (needs .whl/, see scripts/device_megatron_check.sh)
+#   table:RUNS      scripts/megatron_step_table.py runs RUNS (comma-separated)
+#
+# DEADLINE (seconds from start, default 570) keeps the whole call inside the device's 10-minute
+# limit. Results: $OUT/summary.txt (one line per step: status, seconds), $OUT/logs.tar.gz.
+set -uo pipefail
+OUT=${OUT:-$PWD/gpu_out}
+LOGS=$OUT/logs
+mkdir -p "$LOGS"
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD:${PYTHONPATH:-} WANDB_MODE=${WANDB_MODE:-offline}
+export DEEPEP_MEGATRON_INTERNODE_KERNELS=1 DEEPEP_MEGATRON_EXTENSIONS=_C,_nvshmem
+DEADLINE=${DEADLINE:-570}
+SUMMARY=$OUT/summary.txt
+
+# step NAME LIMIT_S COMMAND...: runs COMMAND under `timeout LIMIT_S` (shortened to the time left)
+# with its output in $LOGS/NAME.log, and one summary line.
+step() {
+  local name=$1 limit=$2
+  shift 2
+  local left=$((DEADLINE - SECONDS))
+  if ((left < 40)); then
+    echo "$name: skipped ($left s left)" | tee -a "$SUMMARY"
+    return
+  fi
+  ((limit > left)) && limit=$left
+  local start=$SECONDS
+  # bash -c: the command may be one of the functions below (exported), which timeout cannot run.
+  timeout -k 10 "$limit" bash -c '"$@"' "$name" "$@" >"$LOGS/$name.log" 2>&1
+  local rc=$?
+  local verdict=ok
+  ((rc == 124 || rc == 137)) && verdict="TIMED OUT at $limit s" || { ((rc != 0)) && verdict="FAILED rc=$rc"; }
+  echo "$name: $verdict in $((SECONDS - start)) s | $(grep -E '[0-9]+ (passed|failed|skipped|errors?)( |,|$)' "$LOGS/$name.log" | tail -1)" |
+    tee -a "$SUMMARY"
+}
+
+pytest_gpu() { # pytest over GPU-marked tests, -s so rank processes' own output lands in the log
+  python3 -m pytest -q -s -rs -m gpu -p no:cacheprovider --timeout 300 --durations 15 "$@"
+}
+
+build() {
+  if ls .device-ext/deepep_megatron/*.so >/dev/null 2>&1; then
+    cp .device-ext/deepep_megatron/*.so deepep_megatron/
+  fi
+  if python3 -c "import torch, deepep_megatron._C, deepep_megatron._nvshmem as m; m.InternodeRuntime"; then
+    echo "prebuilt extension modules import"
+    return 0
+  fi
+  TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 python3 setup.py build_ext --inplace -j 16 || return 1
+  mkdir -p /tmp/ext/deepep_megatron && cp deepep_megatron/*.so /tmp/ext/deepep_megatron/
+  tar -C /tmp/ext -czf "$OUT/device-ext.tar.gz" deepep_megatron
+}
+
+bench_intranode() { # the FP8 table's three (R, SMs) pairs
+  for pair in 2:24 4:8 8:16; do
+    python3 -m deepep_megatron.bench --nproc "${pair%%:*}" --num-sms "${pair#*:}" --routing random \
+      --backend cuda --timeout 120 --json "$LOGS/bench_r${pair%%:*}_s${pair#*:}.json" || return 1
+  done
+}
+
+bench_low_latency() {
+  for ranks in 8 2; do
+    for mode in "" --hook; do
+      python3 -m deepep_megatron.bench --low-latency $mode --nproc "$ranks" --num-sms 16 --routing random \
+        --backend cuda --timeout 100 --json "$LOGS/ll_bench_r$ranks${mode:+_hook}.json" || return 1
+    done
+  done
+}
+
+bench_internode() {
+  for per_node in 4 2; do
+    python3 -m deepep_megatron.bench --nproc 8 --num-ranks-per-node "$per_node" --num-sms 16 --backend cuda \
+      --timeout 120 --json "$LOGS/internode_bench_node$per_node.json" || return 1
+  done
+  python3 -m deepep_megatron.bench --nproc 8 --num-sms 16 --backend cuda --timeout 120 \
+    --json "$LOGS/intranode_bench_r8.json"
+}
+
+install_wheels() {
+  if ls .whl/*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || return 1
+  fi
+  python3 -c "import megatron.core, wandb; print('megatron-core', megatron.core.__version__)"
+}
+export PYTHONPATH=/tmp/site:$PYTHONPATH
+export -f pytest_gpu build bench_intranode bench_low_latency bench_internode install_wheels
+
+nvidia-smi --query-gpu=name,memory.used,clocks.sm,clocks.mem --format=csv,noheader | tee "$SUMMARY"
+for name in "$@"; do
+  case $name in
+  build) step build 300 build ;;
+  intranode) step intranode 300 pytest_gpu tests/test_gpu_intranode.py -m "gpu and not slow" ;;
+  intranode-soak) step intranode-soak 300 pytest_gpu tests/test_gpu_intranode.py -m "gpu and slow" ;;
+  oversub) step oversub 200 pytest_gpu tests/test_gpu_oversubscription.py ;;
+  streams) step streams 120 pytest_gpu tests/test_gpu_streams.py ;;
+  ll) step ll 300 pytest_gpu tests/test_gpu_low_latency.py ;;
+  internode-small) step internode-small 240 pytest_gpu tests/test_gpu_internode.py -k "2x2 or absent or refused" ;;
+  internode) step internode 480 pytest_gpu tests/test_gpu_internode.py ;;
+  fp8-table) step fp8-table 300 bench_intranode ;;
+  ll-bench) step ll-bench 240 bench_low_latency ;;
+  internode-bench) step internode-bench 300 bench_internode ;;
+  megatron)
+    step wheels 60 install_wheels
+    step megatron 480 pytest_gpu tests/test_megatron_dispatcher.py tests/test_megatron_pretrain.py \
+      tests/test_megatron_flex.py tests/test_megatron_overlap.py tests/test_megatron_grouped_experts.py \
+      tests/test_megatron_dispatcher_options.py --timeout 480
+    ;;
+  table:*)
+    step wheels 60 install_wheels
+    step table 480 python3 scripts/megatron_step_table.py run --out "$LOGS/step_table" --runs "${name#table:}" \
+      --iters "${PROXY_ITERS:-30}" --repeats "${REPEATS:-2}"
+    python3 scripts/megatron_step_table.py table --out "$LOGS/step_table" >"$OUT/step_table.md" 2>&1
+    ;;
+  *) echo "$name: unknown step" | tee -a "$SUMMARY" ;;
+  esac
+done
+tar -C "$OUT" -czf "$OUT/logs.tar.gz" logs && rm -rf "$LOGS"
