@@ -4,15 +4,15 @@
 
 #include <torch/extension.h>
 
-#include "common/diagnostics.h"
 #include "common/limits.h"
+#include "common/python_errors.h"
 
 namespace py = pybind11;
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     using namespace deepep_megatron;
     m.doc() = "deepep_megatron compiled kernels";
-    py::register_exception<DeviceTimeout>(m, "DeviceTimeout", PyExc_TimeoutError);
+    translate_timeouts(m);
 
     // Same names and values as deepep_megatron/limits.py, which backends/extension.py compares.
     m.attr("FP8_BLOCK_SIZE") = FP8_BLOCK_SIZE;

@@ -4,16 +4,18 @@
 #
 #   scripts/device_session.sh STEP [STEP...]
 #
-# Steps (each's log goes to $OUT/logs/STEP.log; a step that would start with less than its own
-# limit left before the deadline is skipped and said so):
+# Steps, in the order given. A test step written STEP:EXPR runs only the tests that pytest's
+# -k EXPR selects. Each step's log goes to $OUT/logs/STEP.log; a step that would start with less
+# than 40 s left before the deadline is skipped and said so, and none runs past it:
 #   build           build _C and _nvshmem unless .device-ext/ holds ones that import; pack them
 #                   into $OUT/device-ext.tar.gz (unpack into .device-ext/ and carry it next time)
+#   translate       C++ timeouts reach Python as TimeoutError from both modules (no GPU needed;
+#                   the toolchain and pybind11 versions are logged)
 #   intranode       tests/test_gpu_intranode.py (not the soak)
 #   intranode-soak  its 1,000-iteration soak
 #   oversub streams tests/test_gpu_oversubscription.py, tests/test_gpu_streams.py
 #   ll              tests/test_gpu_low_latency.py
-#   internode-small tests/test_gpu_internode.py -k "2x2 or absent or refused"
-#   internode       tests/test_gpu_internode.py, all
+#   internode       tests/test_gpu_internode.py
 #   fp8-table       the intranode bench at R=2/24, 4/8, 8/16 SMs (BF16, FP8 and combine times)
 #   ll-bench        the low-latency bench, R=8 and R=2, 16 SMs, plain and hook mode
 #   internode-bench R=8 as 2x4 and 4x2 nodes, and R=8 intranode, 16 SMs
@@ -26,6 +28,7 @@ set -uo pipefail
 OUT=${OUT:-$PWD/gpu_out}
 LOGS=$OUT/logs
 mkdir -p "$LOGS"
+export OUT LOGS  # the step functions run in child shells
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD:${PYTHONPATH:-} WANDB_MODE=${WANDB_MODE:-offline}
 export DEEPEP_MEGATRON_INTERNODE_KERNELS=1 DEEPEP_MEGATRON_EXTENSIONS=_C,_nvshmem
 DEADLINE=${DEADLINE:-570}
@@ -69,6 +72,12 @@ build() {
   tar -C /tmp/ext -czf "$OUT/device-ext.tar.gz" deepep_megatron
 }
 
+translate() {
+  /opt/gcc/bin/g++ --version 2>/dev/null | head -1; g++ --version | head -1
+  grep -h "define PYBIND11_VERSION_M" "$(python3 -c 'import torch, os; print(os.path.dirname(torch.__file__))')"/include/pybind11/detail/common.h
+  python3 -m pytest -q -p no:cacheprovider tests/test_extension_build.py
+}
+
 bench_intranode() { # the FP8 table's three (R, SMs) pairs
   for pair in 2:24 4:8 8:16; do
     python3 -m deepep_megatron.bench --nproc "${pair%%:*}" --num-sms "${pair#*:}" --routing random \
@@ -101,19 +110,23 @@ install_wheels() {
   python3 -c "import megatron.core, wandb; print('megatron-core', megatron.core.__version__)"
 }
 export PYTHONPATH=/tmp/site:$PYTHONPATH
-export -f pytest_gpu build bench_intranode bench_low_latency bench_internode install_wheels
+export -f pytest_gpu build translate bench_intranode bench_low_latency bench_internode install_wheels
 
 nvidia-smi --query-gpu=name,memory.used,clocks.sm,clocks.mem --format=csv,noheader | tee "$SUMMARY"
 for name in "$@"; do
-  case $name in
+  # STEP:EXPR runs a test step's tests selected by pytest's -k EXPR (e.g. intranode:absent).
+  filter=()
+  [[ $name == *:* && $name != table:* ]] && filter=(-k "${name#*:}")
+  log=${name//[^A-Za-z0-9_-]/_}
+  case ${name%%:*} in
   build) step build 300 build ;;
-  intranode) step intranode 300 pytest_gpu tests/test_gpu_intranode.py -m "gpu and not slow" ;;
+  translate) step translate 60 translate ;;
+  intranode) step "$log" 300 pytest_gpu tests/test_gpu_intranode.py -m "gpu and not slow" "${filter[@]}" ;;
   intranode-soak) step intranode-soak 300 pytest_gpu tests/test_gpu_intranode.py -m "gpu and slow" ;;
   oversub) step oversub 200 pytest_gpu tests/test_gpu_oversubscription.py ;;
   streams) step streams 120 pytest_gpu tests/test_gpu_streams.py ;;
-  ll) step ll 300 pytest_gpu tests/test_gpu_low_latency.py ;;
-  internode-small) step internode-small 240 pytest_gpu tests/test_gpu_internode.py -k "2x2 or absent or refused" ;;
-  internode) step internode 480 pytest_gpu tests/test_gpu_internode.py ;;
+  ll) step "$log" 300 pytest_gpu tests/test_gpu_low_latency.py "${filter[@]}" ;;
+  internode) step "$log" 480 pytest_gpu tests/test_gpu_internode.py "${filter[@]}" ;;
   fp8-table) step fp8-table 300 bench_intranode ;;
   ll-bench) step ll-bench 240 bench_low_latency ;;
   internode-bench) step internode-bench 300 bench_internode ;;
@@ -123,7 +136,7 @@ for name in "$@"; do
       tests/test_megatron_flex.py tests/test_megatron_overlap.py tests/test_megatron_grouped_experts.py \
       tests/test_megatron_dispatcher_options.py --timeout 480
     ;;
-  table:*)
+  table)
     step wheels 60 install_wheels
     step table 480 python3 scripts/megatron_step_table.py run --out "$LOGS/step_table" --runs "${name#table:}" \
       --iters "${PROXY_ITERS:-30}" --repeats "${REPEATS:-2}"

@@ -31,7 +31,7 @@ def test_extension_is_built_and_importable():
     module = extension.module
     for name in ("FP8_BLOCK_SIZE", "MAX_TOPK", "MAX_RANKS_PER_NODE", "MAX_LOCAL_EXPERTS", "REGION_ALIGNMENT"):
         assert getattr(module, name) == getattr(limits, name), name
-    assert issubclass(module.DeviceTimeout, TimeoutError)
+    assert module.DeviceTimeout is TimeoutError
 
 
 def test_intranode_reasons_name_what_is_missing():
@@ -218,7 +218,7 @@ def test_internode_argument_classes_take_the_fields_the_adapter_sets():
         with pytest.raises(AttributeError):
             args.not_a_field = 1
     assert module.MAX_NODES == limits.MAX_NODES
-    assert issubclass(module.InternodeTimeout, TimeoutError)
+    assert module.DeviceTimeout is TimeoutError
     hint = internode.rdma_size_hint(4096, 7168, 8, 4, 8)
     assert module.InternodeRuntime.required_bytes(4096, 7168, 8, 8, 4, 8 * 4096) == hint
     assert 0.5e9 < hint < 1.5e9  # csrc/internode/README.md: about 0.94 GB per rank
@@ -265,3 +265,33 @@ def test_a_failed_runtime_keeps_its_symmetric_block_out_of_the_pool(timed_out):
     nvshmem.release_runtime(runtime, block, group=None, collective=False)
     assert runtime.destroyed
     assert block.in_use is timed_out
+
+
+_THROW_EVERY_TIMEOUT = """
+from deepep_megatron.backends import extension, nvshmem
+modules = [extension.module] + ([nvshmem.module] if nvshmem.module is not None else [])
+for module in modules + modules[::-1]:  # both orders: each module translates only its own throws
+    try:
+        module._throw_timeout(f"rank 0 timed out in {module.__name__}")
+    except TimeoutError as error:
+        assert type(error) is TimeoutError and str(error).endswith(module.__name__), repr(error)
+    else:
+        raise AssertionError(f"{module.__name__}._throw_timeout did not raise")
+print(len(modules), "modules ok")
+"""
+
+
+@pytest.mark.skipif(not _toolchain_present(), reason="no CUDA toolchain: the extension is not built here")
+def test_every_module_timeout_reaches_python_as_timeout_error():
+    """A timeout thrown in C++ becomes the builtin TimeoutError with its message, from either
+    module, with both loaded (on the GPU machine the translation once crashed the process; a
+    child process, so that such a crash fails this test instead of ending pytest)."""
+    import subprocess
+    import sys
+
+    assert extension.extension_available(), extension.unavailable_reason
+    run = subprocess.run(
+        [sys.executable, "-c", _THROW_EVERY_TIMEOUT], capture_output=True, text=True, timeout=120
+    )
+    assert run.returncode == 0, f"exit code {run.returncode}\n{run.stdout}\n{run.stderr[-3000:]}"
+    assert run.stdout.strip().endswith("ok"), run.stdout

@@ -14,7 +14,6 @@ namespace deepep_megatron {
 
 void register_internode(py::module& m) {
     using namespace internode;
-    py::register_exception<deepep_megatron::DeviceTimeout>(m, "InternodeTimeout", PyExc_TimeoutError);
     m.attr("MAX_NODES") = MAX_NODES;
 
     using D = DispatchArgs;

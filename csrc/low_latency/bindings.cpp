@@ -13,7 +13,6 @@ void register_low_latency(py::module& m) {
     using low_latency::CombineCall;
     using low_latency::DispatchCall;
     using low_latency::LowLatencyRuntime;
-    py::register_exception<low_latency::DeviceTimeout>(m, "LowLatencyTimeout", PyExc_TimeoutError);
     m.attr("LL_MAX_TOPK") = low_latency::kMaxTopk;
     m.attr("LL_MAX_LOCAL_EXPERTS") = low_latency::kMaxLocalExperts;
     m.attr("LL_PART_CHANNELS") = low_latency::kPartChannels;

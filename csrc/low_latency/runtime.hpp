@@ -13,16 +13,11 @@
 #include <string>
 #include <vector>
 
+#include "common/diagnostics.h"
 #include "low_latency/params.h"
 
 namespace deepep_megatron {
 namespace low_latency {
-
-// Raised (as a Python TimeoutError) once a device-side wait of this buffer has timed out.
-class DeviceTimeout : public std::runtime_error {
-  public:
-    using std::runtime_error::runtime_error;
-};
 
 // One dispatch: its outputs, and what the receive phase (run now or by the hook) needs.
 struct DispatchCall {

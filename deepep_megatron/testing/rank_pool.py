@@ -12,8 +12,10 @@ CUDA device (one GPU per rank, or all ranks on GPU 0 when `share_gpu`).
 
 from __future__ import annotations
 
+import faulthandler
 import multiprocessing as mp
 import os
+import signal
 import traceback
 from collections.abc import Callable
 from typing import Any
@@ -22,6 +24,7 @@ from deepep_megatron.launch.rank import free_port
 
 
 def _worker(rank: int, world_size: int, port: int, conn, backend: str, device: str, env: dict) -> None:
+    faulthandler.enable()  # a crash in native code prints the Python stack of every thread
     os.environ.update(env)
     os.environ.update(
         {
@@ -95,7 +98,10 @@ class RankPool:
             if not conn.poll(timeout):
                 self.close(force=True)
                 raise TimeoutError(f"rank {rank} did not answer within {timeout:.0f} s; the pool was stopped")
-            status, value = conn.recv()
+            try:
+                status, value = conn.recv()
+            except EOFError:
+                status, value = "error", self._death_of(rank)
             if status == "error":
                 errors.append(f"--- rank {rank} ---\n{value}")
             results.append(value)
@@ -104,6 +110,15 @@ class RankPool:
             self.close(force=True)
             raise AssertionError("failure on some ranks:\n" + "\n".join(errors))
         return results
+
+    def _death_of(self, rank: int) -> str:
+        """Why rank `rank`'s pipe closed: its exit code or the signal that killed it."""
+        proc = self._procs[rank]
+        proc.join(timeout=10)
+        code = proc.exitcode
+        if code is not None and code < 0:
+            return f"the rank process was killed by {signal.Signals(-code).name} (see its stderr)"
+        return f"the rank process ended (exit code {code}) without answering"
 
     @property
     def alive(self) -> bool:
