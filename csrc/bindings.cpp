@@ -4,6 +4,7 @@
 
 #include <torch/extension.h>
 
+#include "common/crash_report.h"
 #include "common/limits.h"
 #include "common/python_errors.h"
 
@@ -13,6 +14,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     using namespace deepep_megatron;
     m.doc() = "deepep_megatron compiled kernels";
     translate_timeouts(m);
+    install_crash_report();  // only this module: _nvshmem is never loaded without it
 
     // Same names and values as deepep_megatron/limits.py, which backends/extension.py compares.
     m.attr("FP8_BLOCK_SIZE") = FP8_BLOCK_SIZE;

@@ -271,12 +271,18 @@ _THROW_EVERY_TIMEOUT = """
 from deepep_megatron.backends import extension, nvshmem
 modules = [extension.module] + ([nvshmem.module] if nvshmem.module is not None else [])
 for module in modules + modules[::-1]:  # both orders: each module translates only its own throws
-    try:
-        module._throw_timeout(f"rank 0 timed out in {module.__name__}")
-    except TimeoutError as error:
-        assert type(error) is TimeoutError and str(error).endswith(module.__name__), repr(error)
-    else:
-        raise AssertionError(f"{module.__name__}._throw_timeout did not raise")
+    cases = [(2, 1, 2, "timed out after 3 s in "), (0, -1, 3, "gave up at the start of ")]
+    for rank, peer, culprit, words in cases:
+        try:
+            module._throw_timeout(rank, peer, (1 << 16) | 2, culprit, 3.0)
+        except TimeoutError as error:
+            text = str(error)
+            assert type(error) is TimeoutError, repr(error)
+            assert text.startswith(f"deepep_megatron: rank {rank} {words}"), text
+            assert (f"waiting for rank {peer} (expected epoch 5, saw 4)" in text) == (peer >= 0), text
+            assert (f"because rank {culprit} timed out after 3 s" in text) == (culprit != rank), text
+        else:
+            raise AssertionError(f"{module.__name__}._throw_timeout did not raise")
 print(len(modules), "modules ok")
 """
 

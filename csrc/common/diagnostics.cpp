@@ -1,8 +1,8 @@
 #include "common/diagnostics.h"
 
+#include <cstdio>
 #include <map>
 #include <mutex>
-#include <sstream>
 
 namespace deepep_megatron {
 
@@ -49,23 +49,30 @@ std::string wait_phase_name(int phase) {
     return family_name + " step " + std::to_string(phase & 0xffff);
 }
 
+std::string seconds_text(double seconds) {
+    char text[32];
+    std::snprintf(text, sizeof(text), "%g s", seconds);
+    return text;
+}
+
 std::string describe_timeout(const TimeoutRecord& record, double timeout_seconds) {
-    std::ostringstream message;
-    message << "deepep_megatron: rank " << record.rank;
-    const bool timed_out_here = record.timed_out_rank == record.rank;
+    // Copied out of the host-mapped record once, so the message is built from one reading.
+    const int rank = record.rank, peer = record.peer, timed_out_rank = record.timed_out_rank;
+    const int expected = record.expected, seen = record.seen, phase = record.phase;
+    const bool timed_out_here = timed_out_rank == rank;
+    std::string message = "deepep_megatron: rank " + std::to_string(rank);
     if (timed_out_here)
-        message << " timed out after " << timeout_seconds << " s in ";
+        message += " timed out after " + seconds_text(timeout_seconds) + " in ";
     else
-        message << " gave up " << (record.peer < 0 ? "at the start of " : "in ");
-    message << wait_phase_name(record.phase);
-    if (record.peer >= 0)
-        message << " waiting for rank " << record.peer << " (expected epoch " << record.expected << ", saw "
-                << record.seen << ")";
+        message += peer < 0 ? " gave up at the start of " : " gave up in ";
+    message += wait_phase_name(phase);
+    if (peer >= 0)
+        message += " waiting for rank " + std::to_string(peer) + " (expected epoch " +
+                   std::to_string(expected) + ", saw " + std::to_string(seen) + ")";
     if (!timed_out_here)
-        message << " because rank " << record.timed_out_rank << " timed out after " << timeout_seconds
-                << " s and aborted the group";
-    message << ". Did every rank of the group make the same call? The buffer cannot be used any more.";
-    return message.str();
+        message += " because rank " + std::to_string(timed_out_rank) + " timed out after " +
+                   seconds_text(timeout_seconds) + " and aborted the group";
+    return message + ". Did every rank of the group make the same call? The buffer cannot be used any more.";
 }
 
 }  // namespace deepep_megatron

@@ -42,6 +42,9 @@ class DeviceTimeout : public std::runtime_error {
     using std::runtime_error::runtime_error;
 };
 
+// "3 s", "0.5 s": a duration for messages.
+std::string seconds_text(double seconds);
+
 // Declares the wait phases of one family: `family` is its number (unique: registering a number
 // twice under another name throws), `phases` names each of its wait_phase(family, step) values
 // ("dispatch (count exchange)").

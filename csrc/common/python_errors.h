@@ -12,8 +12,8 @@ namespace deepep_megatron {
 // DeviceTimeout reaches Python as the builtin TimeoutError, with its message, through a plain
 // translator local to the module that calls this (it handles only that module's throws), and the
 // module names the class `DeviceTimeout`. Not pybind11's register_exception: it keeps a Python
-// exception object in call-once storage per C++ type, and with both of this package's modules
-// registering one type, every thrown timeout crashed the process on the GPU machine (torch 2.11).
+// exception object in call-once storage per C++ type, which both of this package's modules would
+// register for one type.
 inline void translate_timeouts(pybind11::module& m) {
     pybind11::register_local_exception_translator([](std::exception_ptr thrown) {
         if (!thrown) return;
@@ -24,10 +24,23 @@ inline void translate_timeouts(pybind11::module& m) {
         }
     });
     m.attr("DeviceTimeout") = pybind11::handle(PyExc_TimeoutError);
-    // Throws what a timed-out wait throws, without a GPU: tests check the translation.
+    // Throws what a timed-out wait throws, from a record as a kernel fills it, without a GPU: tests
+    // check the message and its translation.
     m.def(
-        "_throw_timeout", [](const std::string& message) { throw DeviceTimeout(message); },
-        pybind11::arg("message"), pybind11::call_guard<pybind11::gil_scoped_release>());
+        "_throw_timeout",
+        [](int rank, int peer, int phase, int timed_out_rank, double seconds) {
+            TimeoutRecord record{};
+            record.written = 1;
+            record.rank = rank;
+            record.peer = peer;
+            record.phase = phase;
+            record.expected = 5;
+            record.seen = 4;
+            record.timed_out_rank = timed_out_rank;
+            throw DeviceTimeout(describe_timeout(record, seconds));
+        },
+        pybind11::arg("rank"), pybind11::arg("peer"), pybind11::arg("phase"), pybind11::arg("timed_out_rank"),
+        pybind11::arg("seconds"), pybind11::call_guard<pybind11::gil_scoped_release>());
 }
 
 }  // namespace deepep_megatron

@@ -5,7 +5,6 @@
 
 #include <atomic>
 #include <chrono>
-#include <sstream>
 #include <thread>
 
 #include "common/check.h"
@@ -209,12 +208,10 @@ void Runtime::wait_for_count_exchange() {
         if (mailbox->timeout.written)
             fail(describe_timeout(mailbox->timeout, static_cast<double>(timeout_ns_) / 1e9));
         if (std::chrono::steady_clock::now() > deadline) {
-            std::ostringstream message;
-            message << "deepep_megatron: rank " << rank_ << " timed out after "
-                    << std::chrono::duration<double>(deadline - start).count()
-                    << " s on the host waiting for the count exchange of a dispatch (did its kernel start? "
-                       "is the stream blocked?)";
-            fail(message.str());
+            fail("deepep_megatron: rank " + std::to_string(rank_) + " timed out after " +
+                 seconds_text(std::chrono::duration<double>(deadline - start).count()) +
+                 " on the host waiting for the count exchange of a dispatch (did its kernel start? is the "
+                 "stream blocked?)");
         }
         std::this_thread::yield();
     }

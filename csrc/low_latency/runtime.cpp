@@ -4,7 +4,6 @@
 #include <c10/cuda/CUDAGuard.h>
 
 #include <cstring>
-#include <sstream>
 
 #include "low_latency/launch.h"
 
@@ -150,12 +149,13 @@ void LowLatencyRuntime::check_sizes(int64_t max_tokens, int64_t hidden, int64_t 
 }
 
 std::string LowLatencyRuntime::describe_timeout() const {
-    std::ostringstream message;
-    message << "deepep_megatron: rank " << record_->rank << " timed out after "
-            << static_cast<double>(timeout_ns_) / 1e9 << " s in " << phase_name(record_->phase)
-            << " waiting for rank " << record_->peer << " (expected " << record_->expected << ", saw "
-            << record_->seen << "). Did every rank of the group make the same low-latency calls?";
-    return message.str();
+    // One reading of the host-mapped record.
+    const int rank = record_->rank, peer = record_->peer, phase = record_->phase;
+    const long long expected = record_->expected, seen = record_->seen;
+    return "deepep_megatron: rank " + std::to_string(rank) + " timed out after " +
+           seconds_text(static_cast<double>(timeout_ns_) / 1e9) + " in " + phase_name(phase) +
+           " waiting for rank " + std::to_string(peer) + " (expected " + std::to_string(expected) + ", saw " +
+           std::to_string(seen) + "). Did every rank of the group make the same low-latency calls?";
 }
 
 void LowLatencyRuntime::check_health() {

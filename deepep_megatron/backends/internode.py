@@ -62,7 +62,7 @@ def unavailable_reason(topology: Topology, sizes: BufferSizes) -> str | None:
     """Why the internode kernels cannot serve this group, or None if they can."""
     if os.environ.get(OPT_IN_ENV) != "1":
         return f"the internode kernels are not yet verified on a GPU; {OPT_IN_ENV}=1 turns them on"
-    reason = nvshmem.unavailable_reason()
+    reason = nvshmem.unavailable_reason(topology.ranks_per_gpu)
     if reason is not None:
         return reason
     if _kernels() is None:

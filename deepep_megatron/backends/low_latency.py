@@ -43,7 +43,7 @@ POISON_ENV = "DEEPEP_MEGATRON_POISON_HOOK_OUTPUTS"  # "1": fill hook-mode output
 
 def unavailable_reason(topology: Topology, sizes: BufferSizes) -> str | None:
     """Why the low-latency kernels cannot serve this buffer, or None if they can."""
-    reason = nvshmem.unavailable_reason()
+    reason = nvshmem.unavailable_reason(topology.ranks_per_gpu)
     if reason is not None:
         return reason
     if not sizes.low_latency_mode:

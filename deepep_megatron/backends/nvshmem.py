@@ -26,6 +26,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from deepep_megatron.mps import control_pipe_directory
+
 
 def _load():
     try:
@@ -50,12 +52,18 @@ NVSHMEM_DEFAULTS = {
 }
 
 
-def unavailable_reason() -> str | None:
-    """Why the NVSHMEM families cannot run in this process, or None."""
+def unavailable_reason(ranks_per_gpu: int = 1) -> str | None:
+    """Why the NVSHMEM families cannot run in this process, or None. `ranks_per_gpu`: ranks of
+    the group on this rank's GPU (NVSHMEM exits the process when several run there without MPS)."""
     if module is None:
         return _import_error
     if not torch.cuda.is_available():
         return "CUDA is not available"
+    if ranks_per_gpu > 1 and control_pipe_directory() is None:
+        return (
+            f"{ranks_per_gpu} ranks share this GPU without MPS, which NVSHMEM needs for that (start "
+            "nvidia-cuda-mps-control -d before CUDA is used, or run under python -m deepep_megatron.launch)"
+        )
     return None
 
 

@@ -10,8 +10,9 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 
+from deepep_megatron.mps import candidate_pipe_directories
+
 MPS_CONTROL = "nvidia-cuda-mps-control"
-DEFAULT_MPS_PIPE_DIRECTORY = "/tmp/nvidia-mps"
 
 
 class MpsUnavailableError(RuntimeError):
@@ -104,11 +105,11 @@ def start_mps_daemon(base_dir: str | None = None, timeout: float = 30.0) -> MpsD
     Raises:
         MpsUnavailableError: the binary is not on PATH, or the daemon did not answer in `timeout`.
     """
-    candidates = [os.environ.get("CUDA_MPS_PIPE_DIRECTORY"), DEFAULT_MPS_PIPE_DIRECTORY]
+    candidates = candidate_pipe_directories()
     if shutil.which(MPS_CONTROL) is None:
         raise MpsUnavailableError(f"{MPS_CONTROL} is not on PATH")
     for pipe_dir in candidates:
-        if pipe_dir and _mps_daemon_answers(pipe_dir):
+        if _mps_daemon_answers(pipe_dir):
             return MpsDaemon(pipe_dir, os.environ.get("CUDA_MPS_LOG_DIRECTORY"), started=False)
 
     owned = tempfile.mkdtemp(prefix="deepep_megatron_mps_", dir=base_dir)

@@ -166,7 +166,12 @@ class GpuPools:
         from deepep_megatron.launch import start_mps_daemon
 
         share_gpu = torch.cuda.device_count() < world_size
-        env = {"DEEPEP_MEGATRON_SHARE_GPU": "1" if share_gpu else "0", **self.env}
+        # A rank that dies in native code prints the faulting address and native stack.
+        env = {
+            "DEEPEP_MEGATRON_SHARE_GPU": "1" if share_gpu else "0",
+            "DEEPEP_MEGATRON_CRASH_REPORT": "1",
+            **self.env,
+        }
         if share_gpu:
             if self._daemon is None:
                 self._daemon = start_mps_daemon()
