@@ -145,4 +145,6 @@ for name in "$@"; do
   *) echo "$name: unknown step" | tee -a "$SUMMARY" ;;
   esac
 done
+# GPU faults (Xid) the driver logged during the call, if the kernel log can be read.
+dmesg 2>/dev/null | grep -iE "xid|nvrm" | tail -40 >"$LOGS/driver_messages.log"
 tar -C "$OUT" -czf "$OUT/logs.tar.gz" logs && rm -rf "$LOGS"
