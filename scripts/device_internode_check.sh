@@ -16,7 +16,6 @@ set -uo pipefail
 OUT=${OUT:-$PWD/gpu_out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD:${PYTHONPATH:-}
-export DEEPEP_MEGATRON_INTERNODE_KERNELS=1  # the family is opt-in until these checks pass
 what=${1:-all}
 tests_filter=${2:-}
 status=0

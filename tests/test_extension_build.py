@@ -126,9 +126,6 @@ def test_internode_is_routed_only_where_its_kernels_are(monkeypatch):
     from deepep_megatron.backends import internode, nvshmem, selection
 
     spanning = Topology(8, 4)
-    monkeypatch.delenv(internode.OPT_IN_ENV, raising=False)
-    assert "not yet verified" in internode.unavailable_reason(spanning, BufferSizes(0, 1 << 30, False))
-    monkeypatch.setenv(internode.OPT_IN_ENV, "1")
     sizes = BufferSizes(num_nvl_bytes=0, num_rdma_bytes=1 << 30, low_latency_mode=False)
     family = selection._family_for("normal", spanning)
     assert family.name == "internode" and family.module == "deepep_megatron.backends.internode"

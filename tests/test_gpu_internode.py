@@ -40,12 +40,10 @@ EXPERTS_PER_RANK = 4
 
 @pytest.fixture(scope="module")
 def gpu_pools():
-    from deepep_megatron.backends.internode import OPT_IN_ENV
     from deepep_megatron.testing.rank_pool import GpuPools
 
     pools = GpuPools(
         {
-            OPT_IN_ENV: "1",
             "DEEPEP_MEGATRON_TIMEOUT_S": "20",
             # Room for every buffer a pool holds at once (NVSHMEM sizes the heap at its first init).
             "NVSHMEM_SYMMETRIC_SIZE": str(6 << 30),

@@ -24,8 +24,6 @@ dispatch synchronises with the host even with `num_worst_tokens`).
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.distributed as dist
 
@@ -53,15 +51,8 @@ def _kernels():
     return getattr(nvshmem.module, "InternodeRuntime", None) if nvshmem.module is not None else None
 
 
-# Until the family has passed its GPU tests (scripts/device_internode_check.sh), a group spanning
-# nodes keeps the portable backend unless the user opts in: a wrong result is worse than a slow one.
-OPT_IN_ENV = "DEEPEP_MEGATRON_INTERNODE_KERNELS"
-
-
 def unavailable_reason(topology: Topology, sizes: BufferSizes) -> str | None:
     """Why the internode kernels cannot serve this group, or None if they can."""
-    if os.environ.get(OPT_IN_ENV) != "1":
-        return f"the internode kernels are not yet verified on a GPU; {OPT_IN_ENV}=1 turns them on"
     reason = nvshmem.unavailable_reason(topology.ranks_per_gpu)
     if reason is not None:
         return reason
