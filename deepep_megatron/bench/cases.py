@@ -359,41 +359,49 @@ def _time_low_latency_gpu(buffer, x, topk_idx, topk_weights, expert_out, spec: d
     ):
         times[name] = values
 
-    # A GEMM on rank 0 alone (the other ranks idle), and between a hook-mode send and its hook
-    # (every rank sends, then receives once rank 0's GEMM is queued; only rank 0 computes): with
-    # nothing resident between send and hook, the GEMM should run at the same speed. Every rank
-    # reports rank 0's times.
+    gemm_times = _time_gemm_around_hook(buffer, x, topk_idx, spec)
+    times["gemm_alone"], times["gemm_between_send_and_hook"] = gemm_times
+    return times
+
+
+def _time_gemm_around_hook(buffer, x, topk_idx, spec: dict) -> list[list[float]]:
+    """Seconds of a GEMM on rank 0 with the GPU otherwise idle: after rank 0's hook (nothing
+    pending), and between rank 0's hook-mode send and its hook (its receive pending). The other
+    ranks send and receive before rank 0's GEMM starts, alike in both cases, so the two differ only
+    in whether a pending receive holds anything on the GPU: with nothing resident, they are the
+    same. Every rank returns rank 0's times."""
+    import torch
+
+    num_tokens, num_experts = spec["num_tokens"], spec["num_experts"]
+    warmup, iters = spec["warmup"], spec["iters"]
     is_first = _dist().get_rank() == 0
     a = torch.randn((4096, spec["hidden"]), device=x.device).to(torch.bfloat16)
     b = torch.randn((spec["hidden"], 4096), device=x.device).to(torch.bfloat16)
+    for _ in range(warmup):
+        torch.mm(a, b)
     alone, overlapped = [], []
-    _barrier()
-    if is_first:
-        for _ in range(warmup):
-            torch.mm(a, b)
+    for receive_first, times_of in ((True, alone), (False, overlapped)):
         for _ in range(iters):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            torch.mm(a, b)
-            end.record()
-            alone.append((start, end))
-    _barrier()
-    for _ in range(iters):
-        out = buffer.low_latency_dispatch(x, topk_idx, num_tokens, num_experts, return_recv_hook=True)
-        if is_first:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            torch.mm(a, b)
-            end.record()
-            overlapped.append((start, end))
-        out[4]()
-        _barrier()  # no rank runs ahead into a receive that would wait, resident, during the GEMM
+            out = buffer.low_latency_dispatch(x, topk_idx, num_tokens, num_experts, return_recv_hook=True)
+            if not is_first or receive_first:
+                out[4]()
+            torch.cuda.synchronize()
+            _barrier()  # every send and every other receive has ended
+            if is_first:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                torch.mm(a, b)
+                end.record()
+                times_of.append((start, end))
+                if not receive_first:
+                    out[4]()
+            torch.cuda.synchronize()
+            _barrier()
     torch.cuda.synchronize()
     gemm = [[s.elapsed_time(e) / 1e3 for s, e in alone], [s.elapsed_time(e) / 1e3 for s, e in overlapped]]
     shared = [gemm]
     _dist().broadcast_object_list(shared, src=0)
-    times["gemm_alone"], times["gemm_between_send_and_hook"] = shared[0]
-    return times
+    return shared[0]
 
 
 def run_low_latency_case(spec: dict) -> dict:
