@@ -38,6 +38,12 @@ BACKEND_ENV = "DEEPEP_MEGATRON_BACKEND"  # "auto" (default), "portable" or "cuda
 MPS_THREAD_PERCENTAGE_ENV = "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"
 
 
+def default_ranks_per_node(group_size: int) -> int:
+    """Ranks per node when the caller does not say: the whole group up to one NVLink domain, as
+    DeepEP assumes (nodes of MAX_RANKS_PER_NODE consecutive ranks)."""
+    return min(group_size, limits.MAX_RANKS_PER_NODE)
+
+
 def _check_num_ranks(num_ranks: int) -> None:
     if num_ranks <= 0:
         raise ValueError(f"num_ranks must be positive, got {num_ranks}")
@@ -124,7 +130,7 @@ class Buffer:
         self.num_rdma_bytes = int(num_rdma_bytes)
         self.low_latency_mode = low_latency_mode
         self.explicitly_destroy = explicitly_destroy
-        self.num_ranks_per_node = num_ranks_per_node or min(self.group_size, 8)
+        self.num_ranks_per_node = num_ranks_per_node or default_ranks_per_node(self.group_size)
         if self.num_nvl_bytes < 0 or self.num_rdma_bytes < 0:
             raise ValueError("num_nvl_bytes and num_rdma_bytes must be non-negative")
         if self.group_size % self.num_ranks_per_node != 0:

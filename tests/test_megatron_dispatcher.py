@@ -106,6 +106,18 @@ def test_fp8_dispatch_error_bound(cpu_pools):
         assert bool(((result["fp8"] - result["bf16"]).abs() <= result["bound"]).all())
 
 
+def test_moe_layer_over_emulated_nodes(cpu_pools):
+    """EP=4 as 2 nodes x 2 (--deepep-num-ranks-per-node 2) gives the one-node results: the
+    dispatcher's Buffer takes the node size (on CPU tensors the portable backend serves both)."""
+    pool = cpu_pools(4)
+    one_node = pool.run(mt.moe_layer_step, 4, "deepep", True, False)
+    two_nodes = pool.run(mt.moe_layer_step, 4, "deepep", True, False, ranks_per_node=2)
+    assert [r["buffer_ranks_per_node"] for r in two_nodes] == [2] * 4
+    assert [r["buffer_ranks_per_node"] for r in one_node] == [4] * 4
+    for rank in range(4):
+        assert_close(two_nodes[rank], one_node[rank], MOE_KEYS, tol=1e-6, what=f"rank {rank}")
+
+
 def test_fp8_dispatch_moe_layer(cpu_pools):
     """With FP8 dispatch the MoE layer output stays close to BF16 dispatch; gradients (BF16 wire)
     stay close too."""
@@ -186,6 +198,12 @@ def _gpu_ready() -> bool:
 gpu = pytest.mark.skipif(not _gpu_ready(), reason="needs a CUDA GPU")
 
 
+def nvshmem_built() -> bool:
+    from deepep_megatron.backends import nvshmem
+
+    return nvshmem.module is not None and hasattr(nvshmem.module, "InternodeRuntime")
+
+
 @pytest.fixture(scope="module")
 def gpu_pool():
     """4 ranks on the GPU(s): with a single GPU all ranks share it under MPS (the compiled kernels
@@ -241,6 +259,22 @@ def test_gpu_compiled_backend_matches_portable(gpu_pool):
     print(f"Buffer backend for CUDA tensors: {auto[0]['buffer_backend']}")
     for rank in range(4):
         assert_close(auto[rank], portable[rank], MOE_KEYS, tol=1e-6, what=f"rank {rank}")
+
+
+@gpu
+@pytest.mark.gpu
+def test_gpu_moe_layer_over_emulated_nodes_matches_portable(gpu_pool):
+    """EP=4 as 2 emulated nodes x 2 on CUDA tensors: the dispatcher's Buffer runs the internode
+    kernels (where NVSHMEM is built) and the whole MoELayer, forward and backward, FP8 dispatch,
+    gives the portable backend's results. Combine adds each node's partial sum: another order of
+    fp32 additions than the portable backend's, hence the tolerance."""
+    portable = gpu_pool.run(mt.moe_layer_step, 4, "deepep", True, None, 11, "portable", ranks_per_node=2)
+    auto = gpu_pool.run(mt.moe_layer_step, 4, "deepep", True, None, 11, "auto", ranks_per_node=2)
+    print(f"Buffer backend over 2 emulated nodes: {auto[0]['buffer_backend']}")
+    if nvshmem_built():
+        assert auto[0]["buffer_backend"] == "internode", auto[0]["buffer_backend"]
+    for rank in range(4):
+        assert_close(auto[rank], portable[rank], MOE_KEYS, tol=1e-3, what=f"rank {rank}")
 
 
 @gpu

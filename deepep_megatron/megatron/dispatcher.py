@@ -46,9 +46,11 @@ import torch
 import torch.distributed as dist
 from megatron.core.transformer.moe.token_dispatcher import MoETokenDispatcher
 
-from deepep_megatron.buffer import Buffer
+from deepep_megatron.backends.internode import rdma_size_hint
+from deepep_megatron.buffer import Buffer, default_ranks_per_node
 from deepep_megatron.config import Config
 from deepep_megatron.fp8 import per_token_cast_back, per_token_cast_to_fp8
+from deepep_megatron.limits import MAX_TOPK
 from deepep_megatron.megatron.buffer_sizing import agreed_tokens_per_rank
 from deepep_megatron.megatron.expert_padding import (
     pad_rows,
@@ -86,21 +88,49 @@ def get_buffer(group: dist.ProcessGroup, hidden: int, num_tokens: int, options: 
     (:func:`~deepep_megatron.megatron.buffer_sizing.agreed_tokens_per_rank`), so every rank
     builds or rebuilds at the same call, with the same size."""
     group_size = dist.get_world_size(group)
-    if options.num_nvl_bytes is not None:
-        num_nvl_bytes = options.num_nvl_bytes
-    else:
-        wanted_tokens = max(agreed_tokens_per_rank(group, num_tokens), options.max_tokens_per_rank or 0)
-        config = Config(num_max_tokens_per_rank=max(1, wanted_tokens))
-        num_nvl_bytes = config.get_nvl_buffer_size_hint(hidden * 2, group_size)
+    ranks_per_node = options.num_ranks_per_node or default_ranks_per_node(group_size)
+    num_nvl_bytes, num_rdma_bytes = _buffer_bytes(group, hidden, num_tokens, options, ranks_per_node)
     if options.num_sms is not None and Buffer.num_sms != options.num_sms:
         Buffer.set_num_sms(options.num_sms)
     key = _group_key(group)
     buffer = _BUFFERS.get(key)
-    if buffer is None or buffer.num_nvl_bytes < num_nvl_bytes or buffer.backend_preference != options.backend:
+    if (
+        buffer is None
+        or buffer.num_nvl_bytes < num_nvl_bytes
+        or buffer.num_rdma_bytes < num_rdma_bytes
+        or buffer.num_ranks_per_node != ranks_per_node
+        or buffer.backend_preference != options.backend
+    ):
         _BUFFERS.pop(key, None)
-        buffer = Buffer(group, num_nvl_bytes=num_nvl_bytes, backend=options.backend)
+        buffer = Buffer(
+            group,
+            num_nvl_bytes=num_nvl_bytes,
+            num_rdma_bytes=num_rdma_bytes,
+            backend=options.backend,
+            num_ranks_per_node=ranks_per_node,
+        )
         _BUFFERS[key] = buffer
     return buffer
+
+
+def _buffer_bytes(
+    group: dist.ProcessGroup, hidden: int, num_tokens: int, options: DeepEPOptions, ranks_per_node: int
+) -> tuple[int, int]:
+    """(num_nvl_bytes, num_rdma_bytes) for the largest token count of any rank (one MAX
+    all-reduce, skipped when nothing is sized from it). A group spanning nodes also needs the
+    internode kernels' buffer (0 where they are not built: the portable backend then serves)."""
+    group_size = dist.get_world_size(group)
+    spans_nodes = group_size > ranks_per_node
+    if options.num_nvl_bytes is not None and not spans_nodes:
+        return options.num_nvl_bytes, 0
+    tokens = max(1, agreed_tokens_per_rank(group, num_tokens), options.max_tokens_per_rank or 0)
+    num_nvl_bytes = options.num_nvl_bytes
+    if num_nvl_bytes is None:
+        config = Config(num_max_tokens_per_rank=tokens)
+        num_nvl_bytes = config.get_nvl_buffer_size_hint(hidden * 2, group_size)
+    if not spans_nodes:
+        return num_nvl_bytes, 0
+    return num_nvl_bytes, rdma_size_hint(tokens, hidden, group_size, ranks_per_node, MAX_TOPK)
 
 
 def release_buffers() -> None:

@@ -37,6 +37,10 @@ class DeepEPOptions:
             count of any rank of the group (``Config.get_nvl_buffer_size_hint``; one MAX
             all-reduce per dispatch) and grows it when a batch needs more.
         max_tokens_per_rank: tokens per rank the automatic sizing provisions for at least.
+        num_ranks_per_node: ranks of the EP group per node (``Buffer(num_ranks_per_node=...)``);
+            ``None`` keeps the Buffer's default. An EP group larger than a node runs the
+            internode kernels (NVSHMEM between nodes) with ``num_rdma_bytes`` sized like the
+            intranode buffer; a smaller value emulates several nodes on one host.
         backend: ``"auto"`` (compiled kernels for CUDA tensors when built), ``"portable"`` or
             ``"cuda"`` (see ``deepep_megatron.Buffer``).
         timing: record per-layer dispatch/combine times and bandwidth
@@ -47,6 +51,7 @@ class DeepEPOptions:
     num_sms: int | None = None
     num_nvl_bytes: int | None = None
     max_tokens_per_rank: int | None = None
+    num_ranks_per_node: int | None = None
     backend: str = "auto"
     timing: bool = True
 
@@ -111,7 +116,8 @@ def add_deepep_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
     Flags: ``--deepep-fp8-dispatch`` / ``--no-deepep-fp8-dispatch`` (default: on for GPU, off
     on CPU), ``--deepep-num-sms N``, ``--deepep-num-nvl-bytes BYTES``,
-    ``--deepep-max-tokens-per-rank N``, ``--deepep-backend {auto,portable,cuda}``,
+    ``--deepep-max-tokens-per-rank N``, ``--deepep-num-ranks-per-node N``,
+    ``--deepep-backend {auto,portable,cuda}``,
     ``--no-deepep-timing``.
     """
     for action in parser._actions:
@@ -150,6 +156,13 @@ def add_deepep_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         type=int,
         default=None,
         help="Tokens per rank the automatic buffer sizing provisions for (default: the batch seen).",
+    )
+    group.add_argument(
+        "--deepep-num-ranks-per-node",
+        type=int,
+        default=None,
+        help="EP ranks per node (default: the Buffer's, up to 8 consecutive ranks); fewer than the EP "
+        "size runs the internode kernels; a smaller value emulates several nodes on one host.",
     )
     group.add_argument(
         "--deepep-backend",

@@ -298,6 +298,7 @@ def moe_layer_step(
     backend: str | None = None,
     experts: str = "sequential",
     etp: int = 1,
+    ranks_per_node: int | None = None,
     **config_overrides,
 ):
     """Forward and backward of one MoELayer on this rank's tokens. Returns CPU tensors: the
@@ -306,7 +307,8 @@ def moe_layer_step(
 
     ``fp8``: None = the default (on for CUDA tensors); ``backend``: the Buffer backend
     ("auto", "portable", "cuda"; None = the default); ``experts``: "sequential" or "grouped"
-    (:func:`build_moe_layer`); ``etp``: expert tensor parallelism; ``config_overrides``: more
+    (:func:`build_moe_layer`); ``etp``: expert tensor parallelism; ``ranks_per_node``: EP ranks
+    per (emulated) node (None = the Buffer's default); ``config_overrides``: more
     TransformerConfig fields (e.g. ``moe_expert_capacity_factor``)."""
     from deepep_megatron.megatron import configure
     from deepep_megatron.megatron.dispatcher import _BUFFERS
@@ -317,6 +319,8 @@ def moe_layer_step(
         configure(fp8_dispatch=fp8)
     if backend is not None:
         configure(backend=backend)
+    if ranks_per_node is not None:
+        configure(num_ranks_per_node=ranks_per_node)
     config = moe_config(dispatcher, moe_shared_expert_overlap=shared_overlap, **config_overrides)
     layer = build_moe_layer(config, experts)
     load_weights(layer, global_weights(config))
@@ -326,13 +330,15 @@ def moe_layer_step(
     out, bias = layer(x)
     assert bias is None
     out.backward(dy)
+    buffer = next(iter(_BUFFERS.values()), None)
     result = {
         "out": out.detach().float().cpu(),
         "grad_x": x.grad.float().cpu(),
         "grad_router": layer.router.weight.grad.float().cpu(),
         "dispatcher": type(layer.token_dispatcher).__name__,
         "experts": type(layer.experts).__name__,
-        "buffer_backend": next(iter(_BUFFERS.values())).backend_name if _BUFFERS else None,
+        "buffer_backend": buffer.backend_name if buffer is not None else None,
+        "buffer_ranks_per_node": buffer.num_ranks_per_node if buffer is not None else None,
     }
     result.update(_expert_grads(layer, config))
     if layer.shared_experts is not None:
