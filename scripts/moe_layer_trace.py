@@ -59,9 +59,7 @@ RANGE_PREFIX = "moe_layer_trace"
 # Our kernels' function names (csrc/*/*.cu): layout_kernel, notify_kernel, dispatch_kernel,
 # combine_kernel, and the internode / low-latency families' dispatch_*_kernel, combine_*_kernel.
 # Demangled: "void deepep_megatron::intranode::(anonymous namespace)::dispatch_kernel(...)".
-_OUR_KERNEL = re.compile(
-    r"deepep_megatron::(?:\w+::|\(anonymous namespace\)::)*(\w*(?:layout|notify|dispatch|combine)\w*)"
-)
+_COMM_FUNCTION = re.compile(r"layout|notify|dispatch|combine")
 _RANGE = re.compile(rf"^{RANGE_PREFIX}\.(forward|backward)\.(\d+)$")
 _LAUNCH_CATEGORIES = ("cuda_runtime", "cuda_driver")
 _COPY_CATEGORIES = ("gpu_memcpy", "gpu_memset")
@@ -124,12 +122,23 @@ def length(intervals: list[tuple[float, float]]) -> float:
     return sum(end - start for start, end in intervals)
 
 
+def kernel_function(kernel_name: str) -> str:
+    """The qualified function of a demangled kernel name, without return type, anonymous
+    namespaces, template arguments and parameters: ``deepep_megatron::intranode::dispatch_kernel``."""
+    name = kernel_name.replace("(anonymous namespace)::", "")
+    name = re.split(r"[(<]", name, maxsplit=1)[0].strip()
+    return name.split(" ")[-1]
+
+
 def communication_kind(kernel_name: str) -> str | None:
     """The kind of one of our communication kernels: "dispatch" or "combine"; else None."""
-    match = _OUR_KERNEL.search(kernel_name)
-    if match is None:
+    function = kernel_function(kernel_name)
+    if not function.startswith("deepep_megatron::"):
         return None
-    return "combine" if "combine" in match.group(1) else "dispatch"
+    basename = function.rsplit("::", 1)[-1]
+    if not _COMM_FUNCTION.search(basename):
+        return None
+    return "combine" if "combine" in basename else "dispatch"
 
 
 def _launch_times(events: list[dict]) -> dict[int, float]:

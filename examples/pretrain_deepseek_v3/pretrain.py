@@ -30,6 +30,7 @@ tokens-per-expert imbalance; with ``--wandb-project`` the same scalars go to wan
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
 import logging
@@ -396,17 +397,11 @@ def main(argv: list[str] | None = None) -> dict:
         import shared_gpu_compat
 
         shared_gpu_compat.enable()  # DDP's coalesced gradient all-reduce, one bucket at a time
+    option_names = [f.name for f in dataclasses.fields(dm.DeepEPOptions)]  # each has a --deepep-* flag
     dm.configure(
         **{
             name: getattr(args, "deepep_" + name)
-            for name in (
-                "fp8_dispatch",
-                "num_sms",
-                "num_nvl_bytes",
-                "max_tokens_per_rank",
-                "backend",
-                "timing",
-            )
+            for name in option_names
             if getattr(args, "deepep_" + name, None) is not None
         }
     )
