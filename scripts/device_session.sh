@@ -21,6 +21,11 @@
 #   internode-bench R=8 as 2x4 and 4x2 nodes, and R=8 intranode, 16 SMs
 #   megatron        the Megatron GPU tests (needs .whl/, see scripts/device_megatron_check.sh)
 #   table:RUNS      scripts/megatron_step_table.py runs RUNS (comma-separated)
+#   proxy-nodes     the DeepSeek-V3 proxy at EP=4 as 2 emulated nodes x 2: internode kernels vs
+#                   the portable backend, same seed; losses compared (needs .whl/)
+#   compare         scripts/device_bench_compare.sh .stage-base: the benchmark of a baseline
+#                   checkout and of this tree in one call (make it first, e.g.
+#                   `git archive 134d62a | tar -x -C .stage-base`, and delete it afterwards)
 #
 # DEADLINE (seconds from start, default 570) keeps the whole call inside the device's 10-minute
 # limit. Results: $OUT/summary.txt (one line per step: status, seconds), $OUT/logs.tar.gz.
@@ -103,6 +108,23 @@ bench_internode() {
     --json "$LOGS/intranode_bench_r8.json"
 }
 
+proxy_nodes() { # EP=4 over 2 emulated nodes, internode kernels vs portable backend
+  set -o pipefail
+  for backend in auto portable; do
+    python3 -m deepep_megatron.launch --nproc 4 examples/pretrain_deepseek_v3/pretrain.py --config "${PROXY_CONFIG:-proxy}" \
+      --train-iters "${PROXY_ITERS:-10}" --expert-model-parallel-size 4 --distributed-backend gloo \
+      --deepep-num-ranks-per-node 2 --deepep-backend "$backend" --wandb-save-dir "$LOGS/wandb" \
+      --metrics-jsonl "$LOGS/proxy_nodes_$backend.jsonl" 2>&1 | grep -E "^\[pretrain\]|^iter" || return 1
+  done
+  python3 - "$LOGS" <<'PY'
+import json, pathlib, sys
+logs = pathlib.Path(sys.argv[1])
+runs = {b: [json.loads(l) for l in (logs / f"proxy_nodes_{b}.jsonl").read_text().splitlines()] for b in ("auto", "portable")}
+diffs = [abs(a["train/loss"] - p["train/loss"]) for a, p in zip(runs["auto"], runs["portable"])]
+print(f"max |loss(internode) - loss(portable)| over {len(diffs)} iterations: {max(diffs):.5f}")
+PY
+}
+
 install_wheels() {
   if ls .whl/*.whl >/dev/null 2>&1; then
     python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || return 1
@@ -110,7 +132,7 @@ install_wheels() {
   python3 -c "import megatron.core, wandb; print('megatron-core', megatron.core.__version__)"
 }
 export PYTHONPATH=/tmp/site:$PYTHONPATH
-export -f pytest_gpu build translate bench_intranode bench_low_latency bench_internode install_wheels
+export -f pytest_gpu build translate bench_intranode bench_low_latency bench_internode proxy_nodes install_wheels
 
 nvidia-smi --query-gpu=name,memory.used,clocks.sm,clocks.mem --format=csv,noheader | tee "$SUMMARY"
 for name in "$@"; do
@@ -142,6 +164,11 @@ for name in "$@"; do
       --iters "${PROXY_ITERS:-30}" --repeats "${REPEATS:-2}"
     python3 scripts/megatron_step_table.py table --out "$LOGS/step_table" >"$OUT/step_table.md" 2>&1
     ;;
+  proxy-nodes)
+    step wheels 60 install_wheels
+    step proxy-nodes 400 proxy_nodes
+    ;;
+  compare) step compare 540 bash scripts/device_bench_compare.sh .stage-base ;;
   *) echo "$name: unknown step" | tee -a "$SUMMARY" ;;
   esac
 done
