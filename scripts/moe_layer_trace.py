@@ -14,8 +14,8 @@ profiler overhead and stay in step; rank 0 writes into DIR:
 - ``summary.json``: per phase (forward dispatch, forward combine, backward dispatch, backward
   combine) and overall, per iteration: the communication time, the part of it hidden behind
   compute on another stream, and the hidden fraction;
-- ``timeline.png``: the last profiled iteration, one row per CUDA stream, communication kernels
-  and compute kernels in two colours;
+- ``timeline.png``: the last profiled iteration, one row per CUDA stream, communication and
+  compute kernels in two colours, and a row with the hidden communication;
 
 and prints the table. The analysis (:func:`analyse_trace`) is plain Python on the trace's events:
 
@@ -30,8 +30,9 @@ and prints the table. The analysis (:func:`analyse_trace`) is plain Python on th
   ``layer(x)`` and ``out.backward(dy)``; a dispatch kernel launched in backward is the gradient of
   combine (a cached dispatch), a combine kernel there the gradient of dispatch.
 
-On a GPU the 4 ranks share one H200 under MPS; the profiler sees rank 0's kernels only, so
-"hidden" means hidden behind rank 0's own compute. Without CUDA the script runs on CPU tensors
+Where the ranks share one GPU (under MPS), the profiler sees rank 0's kernels only, so "hidden"
+means hidden behind rank 0's own compute; a communication kernel's time includes its wait for the
+peers' kernels. Without CUDA the script runs on CPU tensors
 (``--backend portable``, a tiny shape by default, for CI): the trace has no CUDA kernels and the
 summary says so.
 """
@@ -171,6 +172,12 @@ def _attribute(launch_ts: float | None, ranges) -> tuple[str | None, int | None]
     return None, None
 
 
+def _stream(event: dict) -> int:
+    """A GPU event's stream: ``args.stream``, else its row (``tid``, "stream 7" in some exports)."""
+    stream = event.get("args", {}).get("stream", event.get("tid", -1))
+    return stream if isinstance(stream, int) else int(re.sub(r"\D", "", str(stream)) or -1)
+
+
 def gpu_ops(events: list[dict]) -> list[GpuOp]:
     """The kernels, copies and memsets of chrome-trace ``events`` (torch.profiler's export),
     classified and attributed to a phase and iteration where their launch can be found."""
@@ -180,18 +187,17 @@ def gpu_ops(events: list[dict]) -> list[GpuOp]:
         category = e.get("cat")
         if e.get("ph") != "X" or (category != "kernel" and category not in _COPY_CATEGORIES):
             continue
-        args = e.get("args", {})
-        kind = communication_kind(e["name"]) if category == "kernel" else None
-        if category != "kernel":
-            category = COPY
-        else:
+        if category == "kernel":
+            kind = communication_kind(e["name"])
             category = COMMUNICATION if kind else COMPUTE
-        direction, iteration = _attribute(launches.get(args.get("correlation")), ranges)
+        else:
+            kind, category = None, COPY
+        direction, iteration = _attribute(launches.get(e.get("args", {}).get("correlation")), ranges)
         start = float(e["ts"])
         ops.append(
             GpuOp(
                 name=e["name"],
-                stream=int(args.get("stream", e.get("tid", -1))),
+                stream=_stream(e),
                 start=start,
                 end=start + float(e.get("dur", 0.0)),
                 category=category,
@@ -233,8 +239,9 @@ def _compute_by_stream(compute: list[GpuOp]) -> dict[int, list[tuple[float, floa
     return {stream: merge(intervals) for stream, intervals in by_stream.items()}
 
 
-def overlap(communication: list[GpuOp], compute: list[GpuOp]) -> Overlap:
-    """How much of ``communication``'s time some ``compute`` kernel on another stream covers.
+def hidden_intervals(communication: list[GpuOp], compute: list[GpuOp]) -> list[tuple[float, float]]:
+    """The times at which some ``communication`` kernel runs alongside a ``compute`` kernel on
+    another stream (a union: sorted, disjoint).
 
     Each communication kernel is intersected with the union of the compute on every stream but
     its own; the pieces are united again, so neither overlapping compute kernels nor overlapping
@@ -244,11 +251,16 @@ def overlap(communication: list[GpuOp], compute: list[GpuOp]) -> Overlap:
         stream: merge(iv for other, ivs in by_stream.items() if other != stream for iv in ivs)
         for stream in {op.stream for op in communication}
     }
-    hidden = []
+    pieces = []
     for op in communication:
-        hidden += intersect([(op.start, op.end)], elsewhere[op.stream])
+        pieces += intersect([(op.start, op.end)], elsewhere[op.stream])
+    return merge(pieces)
+
+
+def overlap(communication: list[GpuOp], compute: list[GpuOp]) -> Overlap:
+    """How much of ``communication``'s time some ``compute`` kernel on another stream covers."""
     total = length(merge((op.start, op.end) for op in communication))
-    return Overlap(total, length(merge(hidden)), len(communication))
+    return Overlap(total, length(hidden_intervals(communication, compute)), len(communication))
 
 
 def hidden_by_stream(communication: list[GpuOp], compute: list[GpuOp]) -> dict[int, float]:
@@ -276,8 +288,8 @@ def analyse_trace(events: list[dict]) -> dict:
         return summary
     if not communication:
         summary["note"] = (
-            "no deepep_megatron communication kernels in the trace: the portable backend "
-            "communicates through torch.distributed on the host"
+            "no deepep_megatron communication kernels in the trace (the portable backend "
+            "communicates through torch.distributed, not kernels of its own)"
         )
     phases = {phase: [op for op in communication if op.phase == phase] for phase in PHASES}
     unattributed = [op for op in communication if op.phase is None]
@@ -308,10 +320,12 @@ def last_iteration_ops(ops: list[GpuOp]) -> list[GpuOp]:
 # ------------------------------------------------------------------------------------- outputs
 
 _COLOURS = {COMMUNICATION: "tab:red", COMPUTE: "tab:blue", COPY: "tab:gray"}
+_HIDDEN = "tab:green"
 
 
 def draw_timeline(ops: list[GpuOp], path: Path, title: str) -> None:
-    """One row per CUDA stream, one box per op, coloured by category (a note if ``ops`` is empty)."""
+    """One row per CUDA stream, one box per op, coloured by category, and a top row with the
+    hidden communication (a note instead if ``ops`` is empty)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -319,7 +333,8 @@ def draw_timeline(ops: list[GpuOp], path: Path, title: str) -> None:
     from matplotlib.patches import Patch
 
     streams = sorted({op.stream for op in ops})
-    fig, ax = plt.subplots(figsize=(14, 1.5 + 0.6 * max(1, len(streams))))
+    fig, ax = plt.subplots(figsize=(14, 1.5 + 0.6 * (len(streams) + 1)))
+    ax.set_title(title)
     if not ops:
         ax.text(0.5, 0.5, "no CUDA kernels in the trace", ha="center", va="center", transform=ax.transAxes)
         ax.set_axis_off()
@@ -333,14 +348,19 @@ def draw_timeline(ops: list[GpuOp], path: Path, title: str) -> None:
                     if op.stream == stream and op.category == category
                 ]
                 ax.broken_barh(boxes, (row - 0.4, 0.8), facecolors=colour, edgecolor="black", linewidth=0.2)
-        comm_streams = {op.stream for op in ops if op.category == COMMUNICATION}
-        ax.set_yticks(
-            range(len(streams)),
-            [f"stream {s}" + (" (communication)" if s in comm_streams else "") for s in streams],
-        )
+        by_category = {c: [op for op in ops if op.category == c] for c in (COMMUNICATION, COMPUTE)}
+        hidden = hidden_intervals(by_category[COMMUNICATION], by_category[COMPUTE])
+        ax.broken_barh([(s - t0, e - s) for s, e in hidden], (len(streams) - 0.4, 0.8), facecolors=_HIDDEN)
+        comm_streams = {op.stream for op in by_category[COMMUNICATION]}
+        labels = [f"stream {s}" + (" (communication)" if s in comm_streams else "") for s in streams]
+        ax.set_yticks(range(len(streams) + 1), [*labels, "hidden communication"])
         ax.set_xlabel("µs from the iteration's first GPU op")
-        ax.legend(handles=[Patch(color=c, label=k) for k, c in _COLOURS.items()], loc="upper right")
-    ax.set_title(title)
+        legend = {**_COLOURS, "hidden communication": _HIDDEN}
+        ax.legend(
+            handles=[Patch(color=c, label=k) for k, c in legend.items()],
+            loc="upper left",
+            bbox_to_anchor=(1.0, 1.0),
+        )
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -433,8 +453,10 @@ def _experts_kind(args, device) -> str:
 
 
 def build_layer(args, device, world_size: int):
-    """The MoELayer at EP = world size (parallel state set up here) and its config."""
+    """The MoELayer at EP = world size (parallel state set up here). Returns it and what it is:
+    the shape, the kind of experts and whether tokens are dispatched in FP8."""
     from deepep_megatron.megatron import configure
+    from deepep_megatron.megatron.options import fp8_dispatch_enabled, resolve_options
     from deepep_megatron.testing import megatron as T
 
     shape = _shape(args, device)
@@ -454,11 +476,15 @@ def build_layer(args, device, world_size: int):
         moe_router_num_groups=NUM_GROUPS,
         moe_router_group_topk=GROUP_TOPK,
     )
-    layer = T.build_moe_layer(config, _experts_kind(args, device))
+    experts = _experts_kind(args, device)
+    layer = T.build_moe_layer(config, experts)
     weights = T.global_weights(config)
     weights.update(_shared_expert_weights(shape["hidden"], shape["shared_ffn"]))
     T.load_weights(layer, weights)
-    return layer, shape
+    if layer.token_dispatcher.shared_experts is None:  # what this script is about
+        raise RuntimeError("the shared expert is not overlapped with the dispatcher")
+    fp8 = fp8_dispatch_enabled(resolve_options(config), shape["hidden"], device)
+    return layer, {**shape, "experts": experts, "fp8_dispatch": fp8}
 
 
 def _shared_expert_weights(hidden: int, ffn: int, seed: int = 8) -> dict:
@@ -496,17 +522,17 @@ def step(layer, x, dy, iteration: int) -> None:
 
 def profile_layer(args, device, rank: int, world_size: int) -> tuple[Path | None, dict]:
     """Warm up, profile ``--iters`` iterations on every rank, export rank 0's trace. Returns the
-    trace's path (None on other ranks) and the layer shape."""
+    trace's path (None on other ranks) and what the layer is (:func:`build_layer`)."""
     import torch.distributed as dist
     from torch.profiler import ProfilerActivity, profile
 
     from deepep_megatron.testing import megatron as T
 
-    layer, shape = build_layer(args, device, world_size)
-    tokens, hidden = shape["tokens"], shape["hidden"]
-    x = T.global_inputs(1, (tokens, 1, hidden))[rank].to(device).requires_grad_(True)
+    layer, layer_info = build_layer(args, device, world_size)
+    tokens, hidden = layer_info["tokens"], layer_info["hidden"]
+    x = T.global_inputs(1, (tokens, 1, hidden))[rank].to(device).requires_grad_(True)  # [S, B=1, H]
     dy = T.global_inputs(2, (tokens, 1, hidden))[rank].to(device)
-    for i in range(args.warmup):
+    for i in range(args.warmup):  # the first iterations compile megatron's router, size the Buffer
         step(layer, x, dy, -1 - i)
     dist.barrier()
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
@@ -515,21 +541,27 @@ def profile_layer(args, device, rank: int, world_size: int) -> tuple[Path | None
             step(layer, x, dy, i)
     dist.barrier()
     if rank != 0:
-        return None, shape
+        return None, layer_info
     path = args.out / "trace_rank0.json"
     prof.export_chrome_trace(str(path))
-    return path, shape
+    return path, layer_info
 
 
-def report(trace: Path, args, shape: dict, world_size: int) -> dict:
-    """Analyse rank 0's trace; write summary.json and timeline.png; print the table."""
+METHOD = (
+    "communication: deepep_megatron layout/notify/dispatch/combine kernels (union of their intervals); "
+    "hidden: the part of it during which a compute kernel ran on another CUDA stream; "
+    "µs per profiled iteration, rank 0's kernels only"
+)
+
+
+def report(trace: Path, args, context: dict) -> dict:
+    """Analyse rank 0's trace; write summary.json (the analysis plus ``context``) and
+    timeline.png; print the table."""
     events = json.loads(trace.read_text())["traceEvents"]
-    summary = analyse_trace(events)
-    summary.update(world_size=world_size, backend=args.backend, shape=shape)
-    summary.update(num_experts=NUM_EXPERTS, topk=TOPK)
+    summary = {**analyse_trace(events), **context, "method": METHOD}
     (args.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     hidden = _percent(summary.get("overall", {}).get("hidden_fraction"))
-    title = f"one iteration, rank 0 of {world_size}: {hidden} of the communication hidden"
+    title = f"one iteration, rank 0 of {context['world_size']}: {hidden} of the communication hidden"
     draw_timeline(last_iteration_ops(gpu_ops(events)), args.out / "timeline.png", title)
     print_table(summary)
     return summary
@@ -549,13 +581,19 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     args.backend = args.backend or ("cuda" if device.type == "cuda" else "portable")
     try:
-        trace, shape = profile_layer(args, device, rank, world_size)
+        trace, layer_info = profile_layer(args, device, rank, world_size)
     finally:
         T.teardown()
     dist.barrier()
     dist.destroy_process_group()
     if trace is not None:
-        report(trace, args, shape, world_size)
+        context = {
+            "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+            "world_size": world_size,
+            "backend": args.backend,
+            "layer": {**layer_info, "num_experts": NUM_EXPERTS, "topk": TOPK},
+        }
+        report(trace, args, context)
     return 0
 
 
