@@ -23,6 +23,9 @@
 #   table:RUNS      scripts/megatron_step_table.py runs RUNS (comma-separated)
 #   proxy-nodes     the DeepSeek-V3 proxy at EP=4 as 2 emulated nodes x 2: internode kernels vs
 #                   the portable backend, same seed; losses compared (needs .whl/)
+#   trace           scripts/moe_layer_trace.py at EP=4 on one GPU: how much of one MoE layer's
+#                   dispatch/combine time the shared expert hides; $OUT/trace/ (summary.json,
+#                   timeline.png, the gzipped chrome trace where it is small enough to come back)
 #   compare         scripts/device_bench_compare.sh .stage-base: the benchmark of a baseline
 #                   checkout and of this tree in one call (make it first, e.g.
 #                   `git archive 134d62a | tar -x -C .stage-base`, and delete it afterwards)
@@ -125,6 +128,12 @@ print(f"max |loss(internode) - loss(portable)| over {len(diffs)} iterations: {ma
 PY
 }
 
+moe_layer_trace() {
+  set -o pipefail
+  python3 -m deepep_megatron.launch --nproc 4 scripts/moe_layer_trace.py --out "$OUT/trace" --backend cuda || return 1
+  gzip -f "$OUT/trace/trace_rank0.json" && find "$OUT/trace" -name "*.gz" -size +15M -delete
+}
+
 install_wheels() {
   if ls .whl/*.whl >/dev/null 2>&1; then
     python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || return 1
@@ -132,7 +141,7 @@ install_wheels() {
   python3 -c "import megatron.core, wandb; print('megatron-core', megatron.core.__version__)"
 }
 export PYTHONPATH=/tmp/site:$PYTHONPATH
-export -f pytest_gpu build translate bench_intranode bench_low_latency bench_internode proxy_nodes install_wheels
+export -f pytest_gpu build translate bench_intranode bench_low_latency bench_internode proxy_nodes moe_layer_trace install_wheels
 
 nvidia-smi --query-gpu=name,memory.used,clocks.sm,clocks.mem --format=csv,noheader | tee "$SUMMARY"
 for name in "$@"; do
@@ -167,6 +176,10 @@ for name in "$@"; do
   proxy-nodes)
     step wheels 60 install_wheels
     step proxy-nodes 400 proxy_nodes
+    ;;
+  trace)
+    step wheels 60 install_wheels
+    step trace 300 moe_layer_trace
     ;;
   compare) step compare 540 bash scripts/device_bench_compare.sh .stage-base ;;
   *) echo "$name: unknown step" | tee -a "$SUMMARY" ;;

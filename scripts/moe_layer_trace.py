@@ -479,24 +479,11 @@ def build_layer(args, device, world_size: int):
     experts = _experts_kind(args, device)
     layer = T.build_moe_layer(config, experts)
     weights = T.global_weights(config)
-    weights.update(_shared_expert_weights(shape["hidden"], shape["shared_ffn"]))
     T.load_weights(layer, weights)
     if layer.token_dispatcher.shared_experts is None:  # what this script is about
         raise RuntimeError("the shared expert is not overlapped with the dispatcher")
     fp8 = fp8_dispatch_enabled(resolve_options(config), shape["hidden"], device)
     return layer, {**shape, "experts": experts, "fp8_dispatch": fp8}
-
-
-def _shared_expert_weights(hidden: int, ffn: int, seed: int = 8) -> dict:
-    """fp32 shared-expert weights ``[2F, H]`` and ``[H, F]`` (global_weights sizes them for the
-    tests' shared expert, not this one)."""
-    import torch
-
-    g = torch.Generator().manual_seed(seed)
-    return {
-        "shared_fc1": torch.randn(2 * ffn, hidden, generator=g) * hidden**-0.5,
-        "shared_fc2": torch.randn(hidden, ffn, generator=g) * ffn**-0.5,
-    }
 
 
 def _synchronize() -> None:

@@ -237,7 +237,8 @@ def local_expert_linears(layer):
 def global_weights(config, seed: int = 7) -> dict[str, torch.Tensor]:
     """fp32 weights of the whole (global) MoE layer, the same on every rank."""
     g = torch.Generator().manual_seed(seed)
-    h, e, f, fs = config.hidden_size, config.num_moe_experts, config.moe_ffn_hidden_size, SHARED_FFN
+    h, e, f = config.hidden_size, config.num_moe_experts, config.moe_ffn_hidden_size
+    fs = config.moe_shared_expert_intermediate_size or SHARED_FFN
 
     def randn(*shape, scale):
         return torch.randn(*shape, generator=g) * scale
