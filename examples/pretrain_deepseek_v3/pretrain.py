@@ -353,6 +353,21 @@ def compact_step(ddp, micro_batches, positions):
     return loss_sum / num_micro
 
 
+def _describe_buffer(buffer, device) -> str:
+    """The EP Buffer in one line: ranks, what serves this device's tensors, its sizes."""
+    backend = buffer.backend_name if device.type == "cuda" else "portable"
+    text = (
+        f"{buffer.group_size} ranks, backend for {device.type} tensors: {backend}, "
+        f"num_nvl_bytes {buffer.num_nvl_bytes / 2**20:.1f} MiB"
+    )
+    if buffer.num_ranks_per_node < buffer.group_size:  # the group spans (emulated) nodes
+        text += (
+            f", {buffer.num_ranks_per_node} ranks per node, "
+            f"num_rdma_bytes {buffer.num_rdma_bytes / 2**20:.1f} MiB"
+        )
+    return text
+
+
 def main(argv: list[str] | None = None) -> dict:
     import deepep_megatron.megatron as dm
 
@@ -504,13 +519,7 @@ def main(argv: list[str] | None = None) -> dict:
             from deepep_megatron.megatron.dispatcher import _BUFFERS
 
             for buffer in _BUFFERS.values():
-                print(
-                    f"[pretrain] deepep Buffer: {buffer.group_size} ranks, "
-                    f"backend for {device.type} tensors: "
-                    f"{buffer.backend_name if device.type == 'cuda' else 'portable'}, "
-                    f"num_nvl_bytes {buffer.num_nvl_bytes / 2**20:.1f} MiB",
-                    flush=True,
-                )
+                print(f"[pretrain] deepep Buffer: {_describe_buffer(buffer, device)}", flush=True)
         if rank == 0:
             logger.log(scalars, iteration + 1)
             if (iteration + 1) % args.log_interval == 0 or iteration + 1 == args.train_iters:
