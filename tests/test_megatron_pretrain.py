@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+from deepep_megatron.testing.processes import run_in_own_session
 
 pytest.importorskip("megatron.core")
 pytest.importorskip("megatron.training")
@@ -51,24 +51,9 @@ def launch(
         "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
         **(env or {}),
     }
-    # Its own session, so that a timeout stops torchrun and every rank it started, and the
-    # output so far still reaches the failure message.
-    proc = subprocess.Popen(
-        cmd,
-        cwd=ROOT,
-        env=full_env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        stdout, stderr = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        stdout, stderr = proc.communicate()
-        pytest.fail(f"pretrain did not finish in {timeout} s:\n{stdout[-4000:]}\n{stderr[-8000:]}")
-    assert proc.returncode == 0, f"pretrain failed:\n{stdout[-4000:]}\n{stderr[-8000:]}"
+    # Its own session, so that a timeout stops torchrun and every rank it started.
+    run = run_in_own_session(cmd, cwd=ROOT, env=full_env, timeout=timeout, what="pretrain")
+    assert run.returncode == 0, f"pretrain failed:\n{run.tail()}"
     return [json.loads(line) for line in metrics.read_text().splitlines()]
 
 

@@ -10,12 +10,12 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from deepep_megatron.testing.processes import run_in_own_session
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "moe_layer_trace.py"
@@ -300,22 +300,8 @@ def test_script_runs_on_two_cpu_ranks(tmp_path, cpu_pools):
     command = [sys.executable, "-m", "deepep_megatron.launch", "--nproc", "2", str(SCRIPT), "--out", str(out)]
     command += ["--tokens", "16", "--iters", "1", "--warmup", "1", "--backend", "portable"]
     # Its own session, so that a timeout stops the launcher and both ranks.
-    proc = subprocess.Popen(
-        command,
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        stdout, stderr = proc.communicate(timeout=240)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        stdout, stderr = proc.communicate()
-        pytest.fail(f"the script did not finish in 240 s:\n{stdout[-4000:]}\n{stderr[-8000:]}")
-    assert proc.returncode == 0, f"the script failed:\n{stdout[-4000:]}\n{stderr[-8000:]}"
+    run = run_in_own_session(command, cwd=ROOT, env=env, timeout=240, what="the script")
+    assert run.returncode == 0, f"the script failed:\n{run.tail()}"
     summary = json.loads((out / "summary.json").read_text())
     assert summary["has_cuda_kernels"] is False and "no CUDA kernels" in summary["note"]
     assert (summary["world_size"], summary["backend"], summary["layer"]["tokens"]) == (2, "portable", 16)
@@ -323,4 +309,4 @@ def test_script_runs_on_two_cpu_ranks(tmp_path, cpu_pools):
     ranges = {e["name"] for e in events if e.get("cat") == "user_annotation"}
     assert {"moe_layer_trace.forward.0", "moe_layer_trace.backward.0"} <= ranges
     assert (out / "timeline.png").stat().st_size > 0
-    assert "no CUDA kernels" in stdout
+    assert "no CUDA kernels" in run.stdout

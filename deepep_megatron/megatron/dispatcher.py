@@ -39,6 +39,7 @@ one tries.
 
 from __future__ import annotations
 
+import functools
 import logging
 import weakref
 
@@ -130,7 +131,13 @@ def _buffer_bytes(
         num_nvl_bytes = config.get_nvl_buffer_size_hint(hidden * 2, group_size)
     if not spans_nodes:
         return num_nvl_bytes, 0
-    return num_nvl_bytes, rdma_size_hint(tokens, hidden, group_size, ranks_per_node, MAX_TOPK)
+    return num_nvl_bytes, _rdma_bytes(tokens, hidden, group_size, ranks_per_node)
+
+
+@functools.lru_cache(maxsize=64)
+def _rdma_bytes(tokens: int, hidden: int, group_size: int, ranks_per_node: int) -> int:
+    """The internode hint, asked of the extension once per shape (this runs at every dispatch)."""
+    return rdma_size_hint(tokens, hidden, group_size, ranks_per_node, MAX_TOPK)
 
 
 def release_buffers() -> None:
